@@ -1,0 +1,116 @@
+"""decode_attention: the public entry point; validates, then dispatches to an implementation.
+
+Every implementation takes `(q, k, v, table, *, q_positions, sinks, scale, softcap)` and must
+match `reference.selected_attention`. `implementation=` takes a registered name or an ordered
+list of names: the first that does not raise NotImplementedError is used. The default list is
+the fastest registered one for the platform first and ends with "reference".
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from intent_jax import gather_attention
+from intent_jax import reference
+from intent_jax.router import PageTable
+
+MAX_QUERY_TOKENS = 8  # Decode and speculative verification; prefill uses reference.attention.
+
+Implementation = Callable[..., jax.Array]
+IMPLEMENTATIONS: dict[str, Implementation] = {}
+# Preferred order per platform; names not registered are passed over.
+DEFAULT_ORDER = {
+    "gpu": ("pallas_gpu", "xla", "reference"),
+    "tpu": ("pallas_tpu", "xla", "reference"),
+    "cpu": ("xla", "reference"),
+}
+_FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def register_implementation(name: str, fn: Implementation) -> None:
+  """Makes `fn` selectable as `implementation=name`."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"implementation name must be a non-empty str, got {name!r}")
+  IMPLEMENTATIONS[name] = fn
+
+
+register_implementation("reference", reference.selected_attention)
+register_implementation("xla", gather_attention.gather_selected_attention)
+
+
+def default_implementations(platform: str | None = None) -> tuple[str, ...]:
+  """The registered implementations tried by default on `platform` (default: JAX's backend)."""
+  platform = jax.default_backend() if platform is None else platform
+  order = DEFAULT_ORDER.get(platform, ("reference",))
+  return tuple(name for name in order if name in IMPLEMENTATIONS)
+
+
+def _implementation_names(implementation) -> tuple[str, ...]:
+  if implementation is None:
+    return default_implementations()
+  names = (implementation,) if isinstance(implementation, str) else implementation
+  if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
+    raise TypeError(
+        f"implementation must be None, a name or a non-empty list of names, got {implementation!r}")
+  unknown = [n for n in names if n not in IMPLEMENTATIONS]
+  if unknown:
+    raise ValueError(
+        f"unknown implementation(s) {unknown}; registered: {sorted(IMPLEMENTATIONS)}")
+  return tuple(names)
+
+
+def static_validate_inputs(q, k, v, table, *, q_positions=None, sinks=None, scale=None,
+                           softcap=None) -> None:
+  """Checks shapes, dtypes and static arguments before tracing; raises ValueError/TypeError."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+      raise TypeError(f"{name} has dtype {x.dtype}; expected bfloat16, float16 or float32")
+  if k.dtype != v.dtype:
+    raise TypeError(f"k has dtype {k.dtype} but v has {v.dtype}")
+  reference.check_attention_args(q, k, v, sinks=sinks, q_positions=q_positions)
+  if not 1 <= q.shape[1] <= MAX_QUERY_TOKENS:
+    raise ValueError(
+        f"q has {q.shape[1]} query tokens; decode takes 1..{MAX_QUERY_TOKENS}"
+        " (use reference.attention for prefill)")
+  if not isinstance(table, PageTable):
+    raise TypeError(f"table must be a PageTable, got {type(table).__name__}")
+  if table.batch_size != q.shape[0]:
+    raise ValueError(f"table has batch {table.batch_size} but q has batch {q.shape[0]}")
+  if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+    raise ValueError(f"scale={scale!r} must be None or a positive number")
+  if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+    raise ValueError(f"softcap={softcap!r} must be None or a positive number")
+
+
+def decode_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None, scale=None,
+                     softcap=None, implementation=None) -> jax.Array:
+  """Attention of 1..8 query tokens over exactly the tokens `table` selects.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim], q_len in 1..8.
+    k, v: [batch, seq, num_kv_heads, head_dim], contiguous.
+    table: PageTable from `route`.
+    q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
+    sinks: optional f32[num_q_heads] sink logits.
+    scale: logit scale, default 1/sqrt(head_dim).
+    softcap: optional logit soft-cap.
+    implementation: None, a registered name, or an ordered list of names.
+
+  Returns:
+    [batch, q_len, num_q_heads, head_dim] in q.dtype. Rows with nothing selected are zeros;
+    rows of sequences whose table is `truncated` are NaN, so a wrong answer is never silent.
+  """
+  static_validate_inputs(q, k, v, table, q_positions=q_positions, sinks=sinks, scale=scale,
+                         softcap=softcap)
+  names = _implementation_names(implementation)
+  for name in names:
+    try:
+      out = IMPLEMENTATIONS[name](q, k, v, table, q_positions=q_positions, sinks=sinks,
+                                  scale=scale, softcap=softcap)
+    except NotImplementedError:
+      continue
+    return jnp.where(table.truncated[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  raise NotImplementedError(f"none of the implementations {list(names)} supports these inputs")

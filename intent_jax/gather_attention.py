@@ -1,0 +1,35 @@
+"""Implementation "xla": gather the table's pages from contiguous K/V, then attend.
+
+Reads only the table's `max_pages` pages (not the whole context) and runs the reference math on
+them, so it works on every platform. Its reference is `reference.selected_attention`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from intent_jax import reference
+from intent_jax.router import PageTable
+
+
+def gather_pages(x: jax.Array, table: PageTable) -> jax.Array:
+  """[batch, seq, heads, dim] -> [batch, max_pages * page_size, heads, dim], the table's pages."""
+  batch, seq, heads, dim = x.shape
+  ps = table.page_size
+  padded = -seq % ps
+  pages = jnp.pad(x, ((0, 0), (0, padded), (0, 0), (0, 0))).reshape(batch, -1, ps, heads, dim)
+  picked = jnp.take_along_axis(pages, table.page_ids[:, :, None, None, None], axis=1)
+  return picked.reshape(batch, table.max_pages * ps, heads, dim)
+
+
+def gather_selected_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None,
+                              scale=None, softcap=None) -> jax.Array:
+  """Same contract as `reference.selected_attention`."""
+  batch, q_len = q.shape[:2]
+  if q_positions is None:
+    q_positions = table.query_positions(q_len)
+  flat = lambda x: x.reshape(batch, table.max_pages * table.page_size)
+  return reference.attention(
+      q, gather_pages(k, table), gather_pages(v, table),
+      mask=flat(table.page_token_mask())[:, None, :], q_positions=q_positions,
+      kv_positions=flat(table.token_positions()), causal=True, sinks=sinks, scale=scale,
+      softcap=softcap)

@@ -1,0 +1,221 @@
+"""Semantic layouts: which token ranges of a context carry which intent.
+
+A `SemanticBlock` is a plain frozen description of one token range `[start, end)`. A
+`BlockLayout` holds the blocks of a batch of sequences as padded arrays (a struct of arrays), so
+that the router can be jit-compiled and vmapped over it.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class BlockPolicy(enum.IntEnum):
+  """What the router does with the tokens of a block."""
+
+  ALWAYS = 0  # Always attended at full precision (system prompt).
+  ATTEND = 1  # Attended iff score >= RouterConfig.score_threshold; precision by score.
+  SKIP = 2  # Never attended, except tokens inside the recent window.
+  RECENT = 3  # Attended at full precision (the current turns).
+  GLOBAL = 4  # Always attended at full precision (memory, instructions).
+
+
+# Policies whose tokens are attended whatever their score and the page budget.
+FORCED_POLICIES = (BlockPolicy.ALWAYS, BlockPolicy.RECENT, BlockPolicy.GLOBAL)
+
+
+def as_policy(value, name: str) -> BlockPolicy:
+  """Returns `value` as a BlockPolicy, or raises naming `name`."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"{name} must be a BlockPolicy, got {value!r}")
+  try:
+    return BlockPolicy(value)
+  except ValueError:
+    raise ValueError(
+        f"{name}={value!r} is not a BlockPolicy; expected one of"
+        f" {[p.name for p in BlockPolicy]}") from None
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticBlock:
+  """The tokens `[start, end)` of one sequence, with a policy and a score in [0, 1]."""
+
+  name: str
+  start: int
+  end: int
+  policy: BlockPolicy
+  score: float = 1.0
+
+  def __post_init__(self):
+    if not isinstance(self.name, str):
+      raise TypeError(f"block name must be a str, got {self.name!r}")
+    where = f"block {self.name!r}"
+    for field in ("start", "end"):
+      if not _is_int(getattr(self, field)):
+        raise TypeError(f"{where}: {field} must be an int, got {getattr(self, field)!r}")
+    if self.start < 0:
+      raise ValueError(f"{where}: start={self.start} is negative")
+    if self.start >= self.end:
+      raise ValueError(f"{where}: start={self.start} must be < end={self.end}")
+    object.__setattr__(self, "policy", as_policy(self.policy, f"{where}: policy"))
+    if isinstance(self.score, bool) or not isinstance(self.score, (int, float, np.floating)):
+      raise TypeError(f"{where}: score must be a float, got {self.score!r}")
+    if not 0.0 <= self.score <= 1.0:  # Also rejects NaN.
+      raise ValueError(f"{where}: score={self.score} is outside [0, 1]")
+    object.__setattr__(self, "start", int(self.start))
+    object.__setattr__(self, "end", int(self.end))
+    object.__setattr__(self, "score", float(self.score))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["starts", "ends", "policies", "scores", "valid"],
+    meta_fields=["names", "num_tokens"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockLayout:
+  """The blocks of a batch of sequences, padded to a common number of blocks.
+
+  Attributes:
+    starts: i32[batch, max_blocks], first token of each block.
+    ends: i32[batch, max_blocks], one past the last token of each block.
+    policies: i32[batch, max_blocks], BlockPolicy values.
+    scores: f32[batch, max_blocks], intent scores in [0, 1].
+    valid: bool[batch, max_blocks], False for padding entries.
+    names: static, one tuple of block names per sequence ("" for padding).
+    num_tokens: static, the token capacity every sequence of the batch fits in.
+  """
+
+  starts: jax.Array
+  ends: jax.Array
+  policies: jax.Array
+  scores: jax.Array
+  valid: jax.Array
+  names: tuple[tuple[str, ...], ...]
+  num_tokens: int
+
+  @property
+  def batch_size(self) -> int:
+    return self.starts.shape[0]
+
+  @property
+  def max_blocks(self) -> int:
+    return self.starts.shape[1]
+
+  @classmethod
+  def from_blocks(
+      cls,
+      blocks: Sequence[SemanticBlock],
+      num_tokens: int,
+      *,
+      max_blocks: int | None = None,
+  ) -> "BlockLayout":
+    """A batch of one sequence of `num_tokens` tokens, blocks sorted by start.
+
+    Raises:
+      ValueError: blocks overlap or end past `num_tokens`, or more than `max_blocks`.
+    """
+    if not _is_int(num_tokens) or num_tokens <= 0:
+      raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    if isinstance(blocks, SemanticBlock) or not isinstance(blocks, Sequence):
+      raise TypeError(f"blocks must be a sequence of SemanticBlock, got {type(blocks).__name__}")
+    for i, block in enumerate(blocks):
+      if not isinstance(block, SemanticBlock):
+        raise TypeError(f"blocks[{i}] must be a SemanticBlock, got {type(block).__name__}")
+    ordered = sorted(blocks, key=lambda b: b.start)
+    for block in ordered:
+      if block.end > num_tokens:
+        raise ValueError(
+            f"block {block.name!r}: end={block.end} is past num_tokens={num_tokens}")
+    for before, after in zip(ordered, ordered[1:]):
+      if before.end > after.start:
+        raise ValueError(
+            f"blocks {before.name!r} [{before.start}, {before.end}) and {after.name!r}"
+            f" [{after.start}, {after.end}) overlap")
+    width = len(ordered) if max_blocks is None else max_blocks
+    if not _is_int(width) or width < max(len(ordered), 1):
+      raise ValueError(
+          f"max_blocks={max_blocks!r} must be an int >= the number of blocks ({len(ordered)})"
+          " and >= 1")
+    pad = width - len(ordered)
+    column = lambda values, fill, dtype: jnp.asarray([list(values) + [fill] * pad], dtype)
+    return cls(
+        starts=column((b.start for b in ordered), 0, jnp.int32),
+        ends=column((b.end for b in ordered), 0, jnp.int32),
+        policies=column((int(b.policy) for b in ordered), int(BlockPolicy.SKIP), jnp.int32),
+        scores=column((b.score for b in ordered), 0.0, jnp.float32),
+        valid=column((True for _ in ordered), False, jnp.bool_),
+        names=(tuple(b.name for b in ordered) + ("",) * pad,),
+        num_tokens=int(num_tokens),
+    )
+
+  @classmethod
+  def stack(cls, layouts: Sequence["BlockLayout"]) -> "BlockLayout":
+    """Concatenates layouts along the batch axis, padding to the widest one."""
+    if not layouts or not all(isinstance(l, BlockLayout) for l in layouts):
+      raise TypeError("layouts must be a non-empty sequence of BlockLayout")
+    width = max(l.max_blocks for l in layouts)
+
+    def pad(layout: BlockLayout) -> BlockLayout:
+      extra = width - layout.max_blocks
+      grow = lambda x, fill: jnp.pad(x, ((0, 0), (0, extra)), constant_values=fill)
+      return cls(
+          starts=grow(layout.starts, 0),
+          ends=grow(layout.ends, 0),
+          policies=grow(layout.policies, int(BlockPolicy.SKIP)),
+          scores=grow(layout.scores, 0.0),
+          valid=grow(layout.valid, False),
+          names=tuple(row + ("",) * extra for row in layout.names),
+          num_tokens=layout.num_tokens,
+      )
+
+    padded = [pad(l) for l in layouts]
+    cat = lambda field: jnp.concatenate([getattr(l, field) for l in padded], axis=0)
+    return cls(
+        starts=cat("starts"),
+        ends=cat("ends"),
+        policies=cat("policies"),
+        scores=cat("scores"),
+        valid=cat("valid"),
+        names=sum((l.names for l in padded), ()),
+        num_tokens=max(l.num_tokens for l in padded),
+    )
+
+  def blocks(self, row: int = 0) -> tuple[SemanticBlock, ...]:
+    """The valid blocks of sequence `row` as SemanticBlocks (host side)."""
+    starts, ends, policies, scores, valid = (
+        np.asarray(x[row]) for x in (self.starts, self.ends, self.policies, self.scores,
+                                     self.valid))
+    return tuple(
+        SemanticBlock(self.names[row][j], int(starts[j]), int(ends[j]),
+                      BlockPolicy(int(policies[j])), float(scores[j]))
+        for j in range(self.max_blocks) if valid[j])
+
+
+def token_block_ids(layout: BlockLayout, num_tokens: int) -> jax.Array:
+  """i32[batch, num_tokens]: the block covering each token, or max_blocks if none does.
+
+  Blocks need not be sorted; valid blocks must not overlap.
+  """
+
+  def one_sequence(starts, ends, valid):
+    never = jnp.iinfo(jnp.int32).max
+    order = jnp.argsort(jnp.where(valid, starts, never))
+    sorted_starts = jnp.where(valid, starts, never)[order]
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    last = jnp.searchsorted(sorted_starts, tokens, side="right") - 1
+    block = order[jnp.maximum(last, 0)]
+    covered = (last >= 0) & valid[block] & (tokens < ends[block])
+    return jnp.where(covered, block, starts.shape[0]).astype(jnp.int32)
+
+  return jax.vmap(one_sequence)(layout.starts, layout.ends, layout.valid)
+

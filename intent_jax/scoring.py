@@ -1,0 +1,53 @@
+"""Dynamic block scores from the query: cosine similarity of the query to each block's mean key.
+
+A baseline for when the runtime does not know which block matters; the scores go to
+`route(..., scores=...)`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from intent_jax.layout import BlockLayout, token_block_ids
+
+
+def block_mean_keys(k: jax.Array, layout: BlockLayout, seq_lens: jax.Array) -> jax.Array:
+  """f32[batch, max_blocks, num_kv_heads, head_dim]: mean key of each block's tokens.
+
+  Only tokens below each sequence's length count; a block with no such token gets zeros.
+  """
+  batch, seq, num_kv_heads, head_dim = k.shape
+  n = layout.max_blocks
+  block_of_token = token_block_ids(layout, seq)
+  block_of_token = jnp.where(jnp.arange(seq) < seq_lens[:, None], block_of_token, n)
+
+  def one_sequence(keys, ids):
+    sums = jax.ops.segment_sum(keys.astype(jnp.float32), ids, num_segments=n + 1)[:n]
+    counts = jax.ops.segment_sum(jnp.ones(seq, jnp.float32), ids, num_segments=n + 1)[:n]
+    return sums / jnp.maximum(counts, 1.0)[:, None, None]
+
+  return jax.vmap(one_sequence)(k, block_of_token)
+
+
+def cosine_scores(q: jax.Array, k: jax.Array, layout: BlockLayout,
+                  seq_lens: jax.Array) -> jax.Array:
+  """f32[batch, max_blocks] in [0, 1]: (1 + cos(query, block mean key)) / 2, mean over kv heads.
+
+  The query of a kv head is the mean of its group's query heads over the q_len tokens.
+  Padding blocks and blocks with no tokens yet score 0.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim].
+    k: [batch, seq, num_kv_heads, head_dim].
+    layout: BlockLayout with `batch` rows.
+    seq_lens: i32[batch].
+  """
+  batch, q_len, num_q_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  group_query = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, -1, head_dim)
+  group_query = group_query.mean(axis=(1, 3))  # [batch, num_kv_heads, head_dim]
+  means = block_mean_keys(k, layout, seq_lens)
+  dots = jnp.einsum("bhd,bnhd->bnh", group_query, means, precision=jax.lax.Precision.HIGHEST)
+  norms = jnp.linalg.norm(group_query, axis=-1)[:, None, :] * jnp.linalg.norm(means, axis=-1)
+  cosine = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), -1.0)
+  scores = (1.0 + cosine.mean(axis=-1)) / 2.0
+  return jnp.where(layout.valid & (layout.starts < seq_lens[:, None]), scores, 0.0)
