@@ -91,7 +91,9 @@ class BlockLayout:
     policies: i32[batch, max_blocks], BlockPolicy values.
     scores: f32[batch, max_blocks], intent scores in [0, 1].
     valid: bool[batch, max_blocks], False for padding entries.
-    names: static, one tuple of block names per sequence ("" for padding).
+    names: static, one tuple of block names per sequence ("" for padding), or () when the
+      layout is `unnamed()`. Being static, names key jit caches: pass `layout.unnamed()` into
+      jitted code that sees a new layout every call.
     num_tokens: static, the token capacity every sequence of the batch fits in.
   """
 
@@ -141,7 +143,7 @@ class BlockLayout:
         raise ValueError(
             f"blocks {before.name!r} [{before.start}, {before.end}) and {after.name!r}"
             f" [{after.start}, {after.end}) overlap")
-    width = len(ordered) if max_blocks is None else max_blocks
+    width = max(len(ordered), 1) if max_blocks is None else max_blocks
     if not _is_int(width) or width < max(len(ordered), 1):
       raise ValueError(
           f"max_blocks={max_blocks!r} must be an int >= the number of blocks ({len(ordered)})"
@@ -190,13 +192,21 @@ class BlockLayout:
         num_tokens=max(l.num_tokens for l in padded),
     )
 
+  def unnamed(self) -> "BlockLayout":
+    """The same layout without names, so that jit traces once per shape, not per name."""
+    return dataclasses.replace(self, names=())
+
+  def name(self, row: int, block: int) -> str:
+    """The name of a block, or "block_<index>" for an unnamed layout."""
+    return self.names[row][block] if self.names else f"block_{block}"
+
   def blocks(self, row: int = 0) -> tuple[SemanticBlock, ...]:
     """The valid blocks of sequence `row` as SemanticBlocks (host side)."""
     starts, ends, policies, scores, valid = (
         np.asarray(x[row]) for x in (self.starts, self.ends, self.policies, self.scores,
                                      self.valid))
     return tuple(
-        SemanticBlock(self.names[row][j], int(starts[j]), int(ends[j]),
+        SemanticBlock(self.name(row, j), int(starts[j]), int(ends[j]),
                       BlockPolicy(int(policies[j])), float(scores[j]))
         for j in range(self.max_blocks) if valid[j])
 

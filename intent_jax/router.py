@@ -383,7 +383,7 @@ def explain(table: PageTable, layout: BlockLayout, row: int = 0) -> list[dict]:
   policies, scores = np.asarray(layout.policies[row]), np.asarray(layout.scores[row])
   ps = table.page_size
   return [
-      dict(name=layout.names[row][j], start=int(starts[j]), end=int(ends[j]),
+      dict(name=layout.name(row, j), start=int(starts[j]), end=int(ends[j]),
            policy=BlockPolicy(int(policies[j])).name, score=float(scores[j]),
            decision=Decision(int(decisions[j])).name, reason=Reason(int(reasons[j])).name,
            precision=Precision(int(precisions[j])).name,

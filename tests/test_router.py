@@ -1,7 +1,5 @@
 """Tests of intent_jax.router against the independent statement of the rules in tests/spec.py."""
 
-import dataclasses
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -159,8 +157,7 @@ class RouteTest(parameterized.TestCase):
     groups = [_layout([spec.random_blocks(rng, 300, MAX_BLOCKS) for _ in range(2)], 300)
               for _ in range(3)]
     # Names are static metadata; stacking layouts along a new axis needs equal metadata.
-    unnamed = [dataclasses.replace(g, names=()) for g in groups]
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *unnamed)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *(g.unnamed() for g in groups))
     seq_lens = jnp.asarray(rng.integers(1, 301, size=(3, 2)), jnp.int32)
     batched = jax.vmap(lambda l, s: route(l, s, config))(stacked, seq_lens)
     for i, layout in enumerate(groups):
