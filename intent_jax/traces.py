@@ -55,7 +55,8 @@ def agentic_blocks(num_tokens: int, *, seed: int = 0, num_documents: int = 8,
   blocks, position = [], 0
   for (name, policy, score, _), gap, length in zip(plan, separators, lengths):
     position += int(gap)
-    blocks.append(SemanticBlock(name, position, position + int(length), policy, float(score)))
+    score = float(np.float32(score))  # Layouts store float32: keep blocks round-tripping.
+    blocks.append(SemanticBlock(name, position, position + int(length), policy, score))
     position += int(length)
   return blocks
 
