@@ -2,6 +2,8 @@
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
+import jax
 import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock, token_block_ids
@@ -87,6 +89,18 @@ class BlockLayoutTest(parameterized.TestCase):
   def test_empty_layout_is_allowed(self):
     layout = BlockLayout.from_blocks([], 16)
     self.assertEqual((layout.max_blocks, bool(layout.valid[0, 0])), (1, False))
+
+  def test_unnamed_layouts_share_one_trace(self):
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def ends_sum(layout):
+      return layout.ends.sum()
+
+    for name in ("a", "b", "c"):
+      layout = BlockLayout.from_blocks([SemanticBlock(name, 0, 4, BlockPolicy.ALWAYS)], 16)
+      self.assertEqual(int(ends_sum(layout.unnamed())), 4)
+      self.assertEqual(layout.unnamed().blocks(0)[0].name, "block_0")
 
   def test_token_block_ids_matches_a_loop(self):
     rng = np.random.default_rng(0)

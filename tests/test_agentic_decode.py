@@ -1,0 +1,38 @@
+"""Runs the demo binary on a small context and checks what it reports."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class AgenticDecodeTest(absltest.TestCase):
+
+  def test_small_run_reports_a_routed_step(self):
+    folder = tempfile.TemporaryDirectory()
+    self.addCleanup(folder.cleanup)
+    out = pathlib.Path(folder.name) / "decode.json"
+    command = [sys.executable, "-m", "benchmarks.agentic_decode", "--num_tokens=4096",
+               "--num_q_heads=8", "--num_kv_heads=2", "--head_dim=64", "--recent_tokens=256",
+               "--repeats=2", f"--json_out={out}"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    self.assertEqual(run.returncode, 0, run.stderr)
+    self.assertIn("ATTENDED", run.stdout)
+    results = json.loads(out.read_text())
+    self.assertLess(results["rel_error_vs_oracle_same_tokens"], 1e-2)
+    self.assertLessEqual(results["pages_read"], results["table_capacity"])
+    self.assertLess(results["kv_bytes_routed_bf16"], results["kv_bytes_dense"])
+    self.assertEqual(results["kv_bytes_routed_bf16"],
+                     results["pages_read"] * 2 * (2 * 16 * 64 * 2))
+    self.assertFalse(results["truncated"])
+
+
+if __name__ == "__main__":
+  absltest.main()
