@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from intent_jax.validation import as_enum, is_int
+
 
 class BlockPolicy(enum.IntEnum):
   """What the router does with the tokens of a block."""
@@ -27,22 +29,6 @@ class BlockPolicy(enum.IntEnum):
 
 # Policies whose tokens are attended whatever their score and the page budget.
 FORCED_POLICIES = (BlockPolicy.ALWAYS, BlockPolicy.RECENT, BlockPolicy.GLOBAL)
-
-
-def as_policy(value, name: str) -> BlockPolicy:
-  """Returns `value` as a BlockPolicy, or raises naming `name`."""
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise TypeError(f"{name} must be a BlockPolicy, got {value!r}")
-  try:
-    return BlockPolicy(value)
-  except ValueError:
-    raise ValueError(
-        f"{name}={value!r} is not a BlockPolicy; expected one of"
-        f" {[p.name for p in BlockPolicy]}") from None
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +46,13 @@ class SemanticBlock:
       raise TypeError(f"block name must be a str, got {self.name!r}")
     where = f"block {self.name!r}"
     for field in ("start", "end"):
-      if not _is_int(getattr(self, field)):
+      if not is_int(getattr(self, field)):
         raise TypeError(f"{where}: {field} must be an int, got {getattr(self, field)!r}")
     if self.start < 0:
       raise ValueError(f"{where}: start={self.start} is negative")
     if self.start >= self.end:
       raise ValueError(f"{where}: start={self.start} must be < end={self.end}")
-    object.__setattr__(self, "policy", as_policy(self.policy, f"{where}: policy"))
+    object.__setattr__(self, "policy", as_enum(BlockPolicy, self.policy, f"{where}: policy"))
     if isinstance(self.score, bool) or not isinstance(self.score, (int, float, np.floating)):
       raise TypeError(f"{where}: score must be a float, got {self.score!r}")
     if not 0.0 <= self.score <= 1.0:  # Also rejects NaN.
@@ -126,7 +112,7 @@ class BlockLayout:
     Raises:
       ValueError: blocks overlap or end past `num_tokens`, or more than `max_blocks`.
     """
-    if not _is_int(num_tokens) or num_tokens <= 0:
+    if not is_int(num_tokens) or num_tokens <= 0:
       raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
     if isinstance(blocks, SemanticBlock) or not isinstance(blocks, Sequence):
       raise TypeError(f"blocks must be a sequence of SemanticBlock, got {type(blocks).__name__}")
@@ -144,7 +130,7 @@ class BlockLayout:
             f"blocks {before.name!r} [{before.start}, {before.end}) and {after.name!r}"
             f" [{after.start}, {after.end}) overlap")
     width = max(len(ordered), 1) if max_blocks is None else max_blocks
-    if not _is_int(width) or width < max(len(ordered), 1):
+    if not is_int(width) or width < max(len(ordered), 1):
       raise ValueError(
           f"max_blocks={max_blocks!r} must be an int >= the number of blocks ({len(ordered)})"
           " and >= 1")

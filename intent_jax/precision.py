@@ -27,18 +27,6 @@ SCALE_BYTES = 4  # Scales are float32.
 NUM_PRECISIONS = len(Precision)
 
 
-def as_precision(value, name: str) -> Precision:
-  """Returns `value` as a Precision, or raises ValueError naming `name`."""
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise TypeError(f"{name} must be a Precision, got {value!r}")
-  try:
-    return Precision(value)
-  except ValueError:
-    raise ValueError(
-        f"{name}={value!r} is not a Precision; expected one of"
-        f" {[p.name for p in Precision]}") from None
-
-
 def scales_per_page(precision: Precision, page_size: int, head_dim: int) -> int:
   """Number of scales stored with one (kv head, page) of K and V."""
   if precision == Precision.BF16:

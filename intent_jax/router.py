@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from intent_jax.layout import BlockLayout, BlockPolicy, FORCED_POLICIES, as_policy
+from intent_jax.layout import BlockLayout, BlockPolicy, FORCED_POLICIES
 from intent_jax.layout import token_block_ids
-from intent_jax.precision import NUM_PRECISIONS, Precision, as_precision
+from intent_jax.precision import NUM_PRECISIONS, Precision
+from intent_jax.validation import as_enum, is_int
 
 BITS_PER_WORD = 32
 
@@ -82,7 +83,7 @@ class RouterConfig:
 
   def __post_init__(self):
     ps = self.page_size
-    if isinstance(ps, bool) or not isinstance(ps, int) or not 16 <= ps <= 256 or ps & (ps - 1):
+    if not is_int(ps) or not 16 <= ps <= 256 or ps & (ps - 1):
       raise ValueError(f"page_size={ps!r} must be a power of two in [16, 256]")
     for name in ("score_threshold", "memory_pressure", "bf16_min_score", "eight_bit_min_score"):
       value = getattr(self, name)
@@ -93,18 +94,18 @@ class RouterConfig:
           f"eight_bit_min_score={self.eight_bit_min_score} must be <= bf16_min_score="
           f"{self.bf16_min_score} (a higher score never gets a lower precision)")
     rt = self.recent_tokens
-    if isinstance(rt, bool) or not isinstance(rt, int) or rt < 0:
+    if not is_int(rt) or rt < 0:
       raise ValueError(f"recent_tokens={rt!r} must be an int >= 0")
     mp = self.max_pages
-    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
+    if mp is not None and (not is_int(mp) or mp < 1):
       raise ValueError(f"max_pages={mp!r} must be None or an int >= 1")
-    policy = as_policy(self.default_policy, "default_policy")
+    policy = as_enum(BlockPolicy, self.default_policy, "default_policy")
     if policy == BlockPolicy.ATTEND:
       raise ValueError(
           "default_policy=ATTEND is not allowed: tokens no block covers have no score;"
           " describe them with a block")
     object.__setattr__(self, "default_policy", policy)
-    eight = as_precision(self.eight_bit_format, "eight_bit_format")
+    eight = as_enum(Precision, self.eight_bit_format, "eight_bit_format")
     if eight not in (Precision.INT8, Precision.FP8):
       raise ValueError(f"eight_bit_format={eight.name} must be INT8 or FP8")
     object.__setattr__(self, "eight_bit_format", eight)

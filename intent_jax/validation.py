@@ -1,0 +1,22 @@
+"""Argument checks shared by the API boundary: each raises a message naming the argument."""
+
+import enum
+
+import numpy as np
+
+
+def is_int(value) -> bool:
+  """True for Python and numpy integers, False for bools."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def as_enum(cls: type[enum.IntEnum], value, name: str):
+  """Returns `value` as a member of `cls`, or raises TypeError/ValueError naming `name`."""
+  if not is_int(value):
+    raise TypeError(f"{name} must be a {cls.__name__}, got {value!r}")
+  try:
+    return cls(value)
+  except ValueError:
+    raise ValueError(
+        f"{name}={value!r} is not a {cls.__name__}; expected one of"
+        f" {[member.name for member in cls]}") from None
