@@ -200,18 +200,19 @@ class BlockLayout:
 def token_block_ids(layout: BlockLayout, num_tokens: int) -> jax.Array:
   """i32[batch, num_tokens]: the block covering each token, or max_blocks if none does.
 
-  Blocks need not be sorted; valid blocks must not overlap.
+  Blocks need not be sorted; valid blocks must not overlap. Linear in tokens, with no search
+  loop: the running count of block starts up to a token gives the last block starting there.
   """
 
   def one_sequence(starts, ends, valid):
-    never = jnp.iinfo(jnp.int32).max
-    order = jnp.argsort(jnp.where(valid, starts, never))
-    sorted_starts = jnp.where(valid, starts, never)[order]
-    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
-    last = jnp.searchsorted(sorted_starts, tokens, side="right") - 1
+    n = starts.shape[0]
+    order = jnp.argsort(jnp.where(valid, starts, jnp.iinfo(jnp.int32).max))
+    marks = jnp.zeros(num_tokens, jnp.int32).at[jnp.where(valid, starts, num_tokens)].add(
+        1, mode="drop")
+    last = jnp.cumsum(marks) - 1  # Sorted index of the last valid block starting at or before.
     block = order[jnp.maximum(last, 0)]
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
     covered = (last >= 0) & valid[block] & (tokens < ends[block])
-    return jnp.where(covered, block, starts.shape[0]).astype(jnp.int32)
+    return jnp.where(covered, block, n).astype(jnp.int32)
 
   return jax.vmap(one_sequence)(layout.starts, layout.ends, layout.valid)
-

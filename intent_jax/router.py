@@ -255,7 +255,7 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
   forced_page = by_page(forced_token).any(axis=1)
   best_rank = by_page(jnp.where(in_seq, with_gap(rank, n)[block_of_token], n)).min(axis=1)
   first_needed_by = jnp.where(forced_page, n, best_rank)
-  pages_added = jnp.zeros(n + 1, jnp.int32).at[first_needed_by].add(1)[:n]
+  pages_added = jnp.sum(first_needed_by[:, None] == jnp.arange(n), axis=0, dtype=jnp.int32)
   pages_for_top = jnp.sum(forced_page) + jnp.concatenate(
       [jnp.zeros(1, jnp.int32), jnp.cumsum(pages_added)])
   keep_top = jnp.sum(pages_for_top <= capacity) - 1  # -1: the forced pages alone do not fit.
@@ -265,7 +265,9 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
   # A candidate outside the top k whose pages are all selected anyway costs nothing: keep it.
   page_selected = forced_page | (best_rank < keep_top)
   off_page = in_seq & ~jnp.repeat(page_selected, ps)
-  needs_page = jnp.zeros(n + 1, jnp.bool_).at[block_of_token].max(off_page)[:n]
+  off_before = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(off_page, dtype=jnp.int32)])
+  clip = lambda x: jnp.clip(x, 0, num_logical * ps)
+  needs_page = valid & (off_before[clip(ends)] > off_before[clip(starts)])
   kept = candidate & reached & ((rank < keep_top) | ~needs_page)
   overflow = jnp.any(candidate & reached & ~kept)
 
@@ -278,11 +280,11 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
   page_precision = by_page(token_precision).min(axis=1)
   page_used = by_page(selected).any(axis=1)
 
-  # Compact the used pages, in ascending order, into the table's `capacity` slots.
-  slot = jnp.cumsum(page_used) - 1
-  slot = jnp.where(page_used & (slot < capacity), slot, capacity)  # Slot `capacity` is dropped.
-  compact = lambda values, fill: jnp.full((capacity + 1,) + values.shape[1:], fill,
-                                          values.dtype).at[slot].set(values)[:capacity]
+  # Compact the used pages, in ascending order, into the table's `capacity` slots; unused pages
+  # get an out-of-range slot and are dropped (no two writes share a slot).
+  slot = jnp.where(page_used, jnp.cumsum(page_used) - 1, capacity)
+  compact = lambda values, fill: jnp.full((capacity,) + values.shape[1:], fill,
+                                          values.dtype).at[slot].set(values, mode="drop")
   page_ids = compact(jnp.arange(num_logical, dtype=jnp.int32), 0)
   precisions = compact(page_precision.astype(jnp.int32), int(Precision.BF16))
   token_bits = compact(_pack_bits(by_page(selected)), 0)
