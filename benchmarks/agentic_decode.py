@@ -39,7 +39,8 @@ _MAX_PAGES_FRACTION = flags.DEFINE_float(
     "Table capacity as a fraction of the context's pages: the static page budget.")
 _IMPLEMENTATION = flags.DEFINE_string(
     "implementation", None, "A registered implementation; default: the platform's best.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per measurement (median).")
+_CALLS = flags.DEFINE_integer("calls", 3, "Back-to-back calls per timed round.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the context and the random q, k, v.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results to this JSON file.")
 
@@ -88,10 +89,11 @@ def main(argv):
   bf16_bytes = int(table.num_pages[0]) * hkv * precision.page_bytes(
       precision.Precision.BF16, config.page_size, d)
   dense_bytes = cost.dense_kv_bytes(num_tokens, hkv, d, page_size=config.page_size)
-  route_s = timing.median_seconds(jax.jit(lambda l, s: router.route(l, s, config)), layout,
-                                  seq_lens, repeats=_REPEATS.value)
-  step_s = timing.median_seconds(step, layout, seq_lens, q, k, v, repeats=_REPEATS.value)
-  dense_s = timing.median_seconds(dense, q, k, v, repeats=_REPEATS.value)
+  measure = lambda fn, *args: timing.median_seconds(fn, *args, rounds=_ROUNDS.value,
+                                                    calls=_CALLS.value)
+  route_s = measure(jax.jit(lambda l, s: router.route(l, s, config)), layout, seq_lens)
+  step_s = measure(step, layout, seq_lens, q, k, v)
+  dense_s = measure(dense, q, k, v)
   results = dict(
       platform=jax.default_backend(),
       implementation=[n for n in names],

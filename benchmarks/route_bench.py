@@ -20,7 +20,8 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 _MAX_PAGES_FRACTION = flags.DEFINE_float("max_pages_fraction", 0.5,
                                          "Table capacity as a fraction of the pages.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per measurement (median).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per measurement (median).")
+_CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per timed round.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
 
 
@@ -41,11 +42,11 @@ def main(argv):
           max_pages=max(1, round(_MAX_PAGES_FRACTION.value * total_pages)))
       lens = jnp.asarray(seq_lens, jnp.int32)
       step = jax.jit(lambda layout, lens: router.route(layout, lens, config))
-      seconds = timing.median_seconds(step, layout, lens, repeats=_REPEATS.value)
+      seconds = timing.median_seconds(step, layout, lens, rounds=_ROUNDS.value, calls=_CALLS.value)
       # The dispatch floor: a jitted call with the same arguments and outputs that does no work.
       table = step(layout, lens)
       floor = timing.median_seconds(jax.jit(lambda layout, lens: table), layout, lens,
-                                    repeats=_REPEATS.value)
+                                    rounds=_ROUNDS.value, calls=_CALLS.value)
       rows.append(dict(tokens=num_tokens, batch=batch, pages=total_pages, route_us=seconds * 1e6,
                        dispatch_floor_us=floor * 1e6, platform=jax.default_backend()))
       print(f"{num_tokens:>8} {batch:>5} {total_pages:>7} {seconds * 1e6:>9.1f}"

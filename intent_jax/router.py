@@ -216,7 +216,7 @@ def page_mask(table: PageTable, num_pages: int) -> jax.Array:
 
 
 def _pack_bits(selected: jax.Array) -> jax.Array:
-  """bool[pages, page_size] -> u32[pages, words], token i of a page at bit i % 32 of word i // 32."""
+  """bool[pages, page_size] -> u32[pages, words]; token i is bit i % 32 of word i // 32."""
   pages, page_size = selected.shape
   width = min(page_size, BITS_PER_WORD)
   lanes = selected.reshape(pages, page_size // width, width).astype(jnp.uint32)

@@ -20,7 +20,7 @@ class AgenticDecodeTest(absltest.TestCase):
     out = pathlib.Path(folder.name) / "decode.json"
     command = [sys.executable, "-m", "benchmarks.agentic_decode", "--num_tokens=4096",
                "--num_q_heads=8", "--num_kv_heads=2", "--head_dim=64", "--recent_tokens=256",
-               "--repeats=2", f"--json_out={out}"]
+               "--rounds=1", "--calls=2", f"--json_out={out}"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     self.assertEqual(run.returncode, 0, run.stderr)

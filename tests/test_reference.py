@@ -67,7 +67,8 @@ class AttentionTest(parameterized.TestCase):
     self.assertEqual(reference.attention(q, k, v).dtype, jnp.bfloat16)
 
   @parameterized.parameters(
-      (dict(q=(1, 1, 4, 16), k=(1, 8, 3, 16)), "num_q_heads=4 must be a multiple of num_kv_heads=3"),
+      (dict(q=(1, 1, 4, 16), k=(1, 8, 3, 16)),
+       "num_q_heads=4 must be a multiple of num_kv_heads=3"),
       (dict(q=(1, 1, 4, 16), k=(1, 8, 2, 8)), "disagree on batch or head_dim"),
       (dict(q=(1, 4, 16), k=(1, 8, 2, 16)), "must be rank 4"),
   )
