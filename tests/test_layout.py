@@ -3,6 +3,9 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import numpy as np
 
@@ -112,6 +115,25 @@ class BlockLayoutTest(parameterized.TestCase):
       for j, block in enumerate(sorted(blocks, key=lambda x: x.start)):
         expected[block.start:block.end] = j
       np.testing.assert_array_equal(ids[b], expected)
+
+
+class FromBlocksPropertyTest(absltest.TestCase):
+
+  @settings(max_examples=200, deadline=None)
+  @given(spans=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 30)), max_size=6),
+         num_tokens=st.integers(1, 64))
+  def test_accepts_exactly_the_valid_block_sets(self, spans, num_tokens):
+    blocks = [SemanticBlock(f"b{i}", start, start + length, BlockPolicy.ATTEND, 0.5)
+              for i, (start, length) in enumerate(spans)]
+    ordered = sorted(blocks, key=lambda b: b.start)
+    in_range = all(b.end <= num_tokens for b in blocks)
+    disjoint = all(a.end <= b.start for a, b in zip(ordered, ordered[1:]))
+    if in_range and disjoint:
+      layout = BlockLayout.from_blocks(blocks, num_tokens)
+      self.assertEqual(layout.blocks(0), tuple(ordered))
+    else:
+      with self.assertRaisesRegex(ValueError, "overlap|is past num_tokens"):
+        BlockLayout.from_blocks(blocks, num_tokens)
 
 
 if __name__ == "__main__":
