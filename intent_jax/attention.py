@@ -1,9 +1,11 @@
 """decode_attention: the public entry point; validates, then dispatches to an implementation.
 
-Every implementation takes `(q, k, v, table, *, q_positions, sinks, scale, softcap)` and must
-match `reference.selected_attention`. `implementation=` takes a registered name or an ordered
-list of names: the first that does not raise NotImplementedError is used. The default list is
-the fastest registered one for the platform first and ends with "reference".
+Every implementation takes `(q, kv, table, *, q_positions, sinks, scale, softcap)`, where kv is
+a paged `KVCache` or a `(k, v)` pair of contiguous arrays, and must match the reference
+(`reference.paged_attention` or `reference.selected_attention`); it raises NotImplementedError
+for inputs it does not support. `implementation=` takes a registered name or an ordered list of
+names: the first that does not raise NotImplementedError is used. The default list is the
+fastest registered one for the platform first and ends with "reference".
 """
 
 from collections.abc import Callable, Sequence
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from intent_jax import cache as cache_lib
 from intent_jax import gather_attention
 from intent_jax import reference
 from intent_jax.router import PageTable
@@ -35,7 +38,13 @@ def register_implementation(name: str, fn: Implementation) -> None:
   IMPLEMENTATIONS[name] = fn
 
 
-register_implementation("reference", reference.selected_attention)
+def _reference(q, kv, table, **kwargs):
+  if isinstance(kv, cache_lib.KVCache):
+    return reference.paged_attention(q, kv, table, **kwargs)
+  return reference.selected_attention(q, *kv, table, **kwargs)
+
+
+register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 
 
@@ -60,17 +69,39 @@ def _implementation_names(implementation) -> tuple[str, ...]:
   return tuple(names)
 
 
-def static_validate_inputs(q, k, v, table, *, q_positions=None, sinks=None, scale=None,
+def _check_array(name, x) -> None:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  if x.dtype not in _FLOAT_DTYPES:
+    raise TypeError(f"{name} has dtype {x.dtype}; expected bfloat16, float16 or float32")
+
+
+def static_validate_inputs(q, kv, table, *, q_positions=None, sinks=None, scale=None,
                            softcap=None) -> None:
   """Checks shapes, dtypes and static arguments before tracing; raises ValueError/TypeError."""
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-      raise TypeError(f"{name} has dtype {x.dtype}; expected bfloat16, float16 or float32")
-  if k.dtype != v.dtype:
-    raise TypeError(f"k has dtype {k.dtype} but v has {v.dtype}")
-  reference.check_attention_args(q, k, v, sinks=sinks, q_positions=q_positions)
+  _check_array("q", q)
+  if isinstance(kv, cache_lib.KVCache):
+    cfg = kv.config
+    if q.ndim != 4 or q.shape[0] != cfg.max_seqs or q.shape[3] != cfg.head_dim:
+      raise ValueError(
+          f"q{list(q.shape)} must be [max_seqs={cfg.max_seqs}, q_len, num_q_heads,"
+          f" head_dim={cfg.head_dim}] for this cache")
+    if q.shape[2] % cfg.num_kv_heads:
+      raise ValueError(
+          f"num_q_heads={q.shape[2]} must be a multiple of num_kv_heads={cfg.num_kv_heads}")
+    if isinstance(table, PageTable) and table.page_size != cfg.page_size:
+      raise ValueError(
+          f"table has page_size {table.page_size} but the cache has {cfg.page_size}")
+    reference.check_query_args(q, sinks=sinks, q_positions=q_positions)
+  else:
+    if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+      raise TypeError(f"kv must be a KVCache or a (k, v) pair, got {type(kv).__name__}")
+    k, v = kv
+    _check_array("k", k)
+    _check_array("v", v)
+    if k.dtype != v.dtype:
+      raise TypeError(f"k has dtype {k.dtype} but v has {v.dtype}")
+    reference.check_attention_args(q, k, v, sinks=sinks, q_positions=q_positions)
   if not 1 <= q.shape[1] <= MAX_QUERY_TOKENS:
     raise ValueError(
         f"q has {q.shape[1]} query tokens; decode takes 1..{MAX_QUERY_TOKENS}"
@@ -85,14 +116,15 @@ def static_validate_inputs(q, k, v, table, *, q_positions=None, sinks=None, scal
     raise ValueError(f"softcap={softcap!r} must be None or a positive number")
 
 
-def decode_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None, scale=None,
+def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, scale=None,
                      softcap=None, implementation=None) -> jax.Array:
   """Attention of 1..8 query tokens over exactly the tokens `table` selects.
 
   Args:
     q: [batch, q_len, num_q_heads, head_dim], q_len in 1..8.
-    k, v: [batch, seq, num_kv_heads, head_dim], contiguous.
-    table: PageTable from `route`.
+    kv: a paged KVCache (batch = max_seqs), or a (k, v) pair of contiguous
+      [batch, seq, num_kv_heads, head_dim] arrays.
+    table: PageTable from `route`, for the cache's current lengths.
     q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
     sinks: optional f32[num_q_heads] sink logits.
     scale: logit scale, default 1/sqrt(head_dim).
@@ -100,17 +132,21 @@ def decode_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None,
     implementation: None, a registered name, or an ordered list of names.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype. Rows with nothing selected are zeros;
-    rows of sequences whose table is `truncated` are NaN, so a wrong answer is never silent.
+    [batch, q_len, num_q_heads, head_dim] in q.dtype. Rows with nothing selected are zeros.
+    Rows are NaN, so that a wrong answer is never silent, where the table is `truncated` or was
+    routed for other lengths than the cache holds.
   """
-  static_validate_inputs(q, k, v, table, q_positions=q_positions, sinks=sinks, scale=scale,
+  static_validate_inputs(q, kv, table, q_positions=q_positions, sinks=sinks, scale=scale,
                          softcap=softcap)
   names = _implementation_names(implementation)
+  wrong = table.truncated
+  if isinstance(kv, cache_lib.KVCache):
+    wrong = wrong | (table.seq_lens != kv.lengths)
   for name in names:
     try:
-      out = IMPLEMENTATIONS[name](q, k, v, table, q_positions=q_positions, sinks=sinks,
+      out = IMPLEMENTATIONS[name](q, kv, table, q_positions=q_positions, sinks=sinks,
                                   scale=scale, softcap=softcap)
     except NotImplementedError:
       continue
-    return jnp.where(table.truncated[:, None, None, None], jnp.nan, out).astype(q.dtype)
+    return jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
   raise NotImplementedError(f"none of the implementations {list(names)} supports these inputs")

@@ -47,18 +47,25 @@ def dense_kv_bytes(num_tokens: int, num_kv_heads: int, head_dim: int, *, page_si
   return pages * num_kv_heads * page_bytes(precision, page_size, head_dim)
 
 
-def pages_by_precision(table: PageTable) -> jax.Array:
-  """i32[batch, NUM_PRECISIONS]: how many table pages each format has."""
+def pages_by_precision(table: PageTable, precisions: jax.Array | None = None) -> jax.Array:
+  """i32[batch, NUM_PRECISIONS]: how many table pages each format has.
+
+  `precisions` (i32[batch, max_pages]) replaces the table's requested formats, e.g. with the
+  formats a cache stores the pages in (`cache.lookup`).
+  """
+  precisions = table.precisions if precisions is None else precisions
   in_table = jnp.arange(table.max_pages) < table.num_pages[:, None]
-  one_hot = table.precisions[..., None] == jnp.arange(NUM_PRECISIONS)
+  one_hot = precisions[..., None] == jnp.arange(NUM_PRECISIONS)
   return jnp.sum(one_hot & in_table[..., None], axis=1, dtype=jnp.int32)
 
 
-def routed_kv_bytes(table: PageTable, num_kv_heads: int, head_dim: int) -> jax.Array:
-  """f32[batch]: bytes a routed step reads, each page in its table precision (one layer)."""
+def routed_kv_bytes(table: PageTable, num_kv_heads: int, head_dim: int,
+                    precisions: jax.Array | None = None) -> jax.Array:
+  """f32[batch]: bytes a routed step reads, each page in its format (one layer)."""
   per_page = jnp.asarray(
       [page_bytes(p, table.page_size, head_dim) for p in Precision], jnp.float32)
-  return pages_by_precision(table).astype(jnp.float32) @ per_page * num_kv_heads
+  counts = pages_by_precision(table, precisions).astype(jnp.float32)
+  return counts @ per_page * num_kv_heads
 
 
 def attended_tokens(table: PageTable) -> jax.Array:

@@ -1,12 +1,15 @@
-"""Implementation "xla": gather the table's pages from contiguous K/V, then attend.
+"""Implementation "xla": gather the table's pages, then attend.
 
-Reads only the table's `max_pages` pages (not the whole context) and runs the reference math on
-them, so it works on every platform. Its reference is `reference.selected_attention`.
+Reads only the table's `max_pages` pages (not the whole context), from contiguous K/V or from a
+paged cache (dequantizing each page from its stored precision), and runs the reference math on
+them, so it works on every platform. Its reference is `reference.selected_attention` or
+`reference.paged_attention`.
 """
 
 import jax
 import jax.numpy as jnp
 
+from intent_jax import cache as cache_lib
 from intent_jax import reference
 from intent_jax.router import PageTable
 
@@ -21,15 +24,18 @@ def gather_pages(x: jax.Array, table: PageTable) -> jax.Array:
   return picked.reshape(batch, table.max_pages * ps, heads, dim)
 
 
-def gather_selected_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None,
+def gather_selected_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None,
                               scale=None, softcap=None) -> jax.Array:
-  """Same contract as `reference.selected_attention`."""
+  """Same contract as the reference: kv is a KVCache or a (k, v) pair of contiguous arrays."""
+  if isinstance(kv, cache_lib.KVCache):
+    k, v = cache_lib.read_table_pages(kv, table)
+  else:
+    k, v = (gather_pages(x, table) for x in kv)
   batch, q_len = q.shape[:2]
   if q_positions is None:
     q_positions = table.query_positions(q_len)
   flat = lambda x: x.reshape(batch, table.max_pages * table.page_size)
   return reference.attention(
-      q, gather_pages(k, table), gather_pages(v, table),
-      mask=flat(table.page_token_mask())[:, None, :], q_positions=q_positions,
+      q, k, v, mask=flat(table.page_token_mask())[:, None, :], q_positions=q_positions,
       kv_positions=flat(table.token_positions()), causal=True, sinks=sinks, scale=scale,
       softcap=softcap)

@@ -34,8 +34,14 @@ def scales_per_page(precision: Precision, page_size: int, head_dim: int) -> int:
   return head_dim + page_size  # K per channel, V per token.
 
 
-def page_bytes(precision: Precision, page_size: int, head_dim: int) -> int:
-  """Bytes of K and V of one (kv head, page) in `precision`, scales included."""
+def page_bytes(precision: Precision, page_size: int, head_dim: int, *,
+               full_value_bytes: int = 2) -> int:
+  """Bytes of K and V of one (kv head, page) in `precision`, scales included.
+
+  `full_value_bytes` is the width of an unquantized (BF16-pool) value: 2, or 4 for float32.
+  """
   values = 2 * page_size * head_dim
+  if precision == Precision.BF16:
+    return values * full_value_bytes
   data_bytes = values * BITS_PER_VALUE[precision] // 8
   return data_bytes + SCALE_BYTES * scales_per_page(precision, page_size, head_dim)

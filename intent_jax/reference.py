@@ -8,9 +8,22 @@ query head h reads kv head h // (num_q_heads // num_kv_heads).
 import jax
 import jax.numpy as jnp
 
+from intent_jax import cache as cache_lib
 from intent_jax.router import PageTable, token_mask
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_query_args(q, *, sinks=None, q_positions=None) -> None:
+  """Raises ValueError unless q is rank 4 and sinks, q_positions fit it."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be rank 4 ([batch, q_len, heads, head_dim]), got q{list(q.shape)}")
+  batch, q_len, num_q_heads, _ = q.shape
+  if sinks is not None and jnp.shape(sinks) != (num_q_heads,):
+    raise ValueError(f"sinks must have shape ({num_q_heads},), got {list(jnp.shape(sinks))}")
+  if q_positions is not None and jnp.shape(q_positions) != (batch, q_len):
+    raise ValueError(
+        f"q_positions must have shape ({batch}, {q_len}), got {list(jnp.shape(q_positions))}")
 
 
 def check_attention_args(q, k, v, *, sinks=None, q_positions=None) -> None:
@@ -21,18 +34,14 @@ def check_attention_args(q, k, v, *, sinks=None, q_positions=None) -> None:
         f" q{list(q.shape)} k{list(k.shape)} v{list(v.shape)}")
   if k.shape != v.shape:
     raise ValueError(f"k{list(k.shape)} and v{list(v.shape)} must have the same shape")
-  batch, q_len, num_q_heads, head_dim = q.shape
+  batch, _, num_q_heads, head_dim = q.shape
   if k.shape[0] != batch or k.shape[3] != head_dim:
     raise ValueError(
         f"q{list(q.shape)} and k{list(k.shape)} disagree on batch or head_dim")
   if num_q_heads % k.shape[2]:
     raise ValueError(
         f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={k.shape[2]}")
-  if sinks is not None and jnp.shape(sinks) != (num_q_heads,):
-    raise ValueError(f"sinks must have shape ({num_q_heads},), got {list(jnp.shape(sinks))}")
-  if q_positions is not None and jnp.shape(q_positions) != (batch, q_len):
-    raise ValueError(
-        f"q_positions must have shape ({batch}, {q_len}), got {list(jnp.shape(q_positions))}")
+  check_query_args(q, sinks=sinks, q_positions=q_positions)
 
 
 def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal=False,
@@ -107,3 +116,16 @@ def selected_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=Non
   return attention(q, k, v, mask=token_mask(table, k.shape[1])[:, None, :],
                    q_positions=q_positions, causal=True, sinks=sinks, scale=scale,
                    softcap=softcap)
+
+
+def paged_attention(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None, sinks=None,
+                    scale=None, softcap=None) -> jax.Array:
+  """Attention of q over exactly the tokens `table` selects, read from a paged cache.
+
+  Every page is dequantized from the precision it is stored in (not the one the table asks for),
+  then attended as `selected_attention` does. The table must be routed for the cache's lengths
+  (`decode_attention` returns NaN rows where it is not).
+  """
+  k, v = cache_lib.dequantized_kv(cache)
+  return selected_attention(q, k, v, table, q_positions=q_positions, sinks=sinks, scale=scale,
+                            softcap=softcap)

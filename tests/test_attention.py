@@ -53,7 +53,7 @@ class ImplementationsMatchOracleTest(parameterized.TestCase):
     if features == "sinks_softcap":
       extra = dict(sinks=jax.random.normal(jax.random.key(9), (num_q_heads,)), softcap=6.0,
                    scale=0.15)
-    out = decode_attention(q, k, v, table, implementation="xla", **extra)
+    out = decode_attention(q, (k, v), table, implementation="xla", **extra)
     expected = reference.selected_attention(q, k, v, table, **extra)
     self.assertEqual(out.dtype, dtype)
     truncated = np.asarray(table.truncated)
@@ -82,7 +82,7 @@ class DispatchTest(parameterized.TestCase):
     self.assertEqual(attention.default_implementations("cpu"), ("xla", "reference"))
     self.assertEqual(attention.default_implementations("gpu")[-1], "reference")
     self.assertEqual(attention.default_implementations("unknown"), ("reference",))
-    out = decode_attention(self.q, self.k, self.v, self.table)
+    out = decode_attention(self.q, (self.k, self.v), self.table)
     np.testing.assert_allclose(out, self.expected, rtol=1e-5, atol=1e-6)
 
   def test_falls_through_not_implemented(self):
@@ -93,23 +93,23 @@ class DispatchTest(parameterized.TestCase):
       raise NotImplementedError("no")
 
     self._register("unsupported", unsupported)
-    out = decode_attention(self.q, self.k, self.v, self.table,
+    out = decode_attention(self.q, (self.k, self.v), self.table,
                            implementation=["unsupported", "reference"])
     self.assertLen(calls, 1)
     np.testing.assert_array_equal(out, self.expected)
     with self.assertRaisesRegex(NotImplementedError, "none of the implementations"):
-      decode_attention(self.q, self.k, self.v, self.table, implementation="unsupported")
+      decode_attention(self.q, (self.k, self.v), self.table, implementation="unsupported")
 
   def test_first_working_implementation_wins(self):
     self._register("zeros", lambda q, *args, **kwargs: jnp.zeros_like(q))
-    out = decode_attention(self.q, self.k, self.v, self.table, implementation=["zeros", "xla"])
+    out = decode_attention(self.q, (self.k, self.v), self.table, implementation=["zeros", "xla"])
     np.testing.assert_array_equal(out, 0.0)
 
   def test_unknown_implementation(self):
     with self.assertRaisesRegex(ValueError, "unknown implementation\\(s\\) \\['triton'\\]"):
-      decode_attention(self.q, self.k, self.v, self.table, implementation="triton")
+      decode_attention(self.q, (self.k, self.v), self.table, implementation="triton")
     with self.assertRaisesRegex(TypeError, "implementation must be None, a name"):
-      decode_attention(self.q, self.k, self.v, self.table, implementation=[])
+      decode_attention(self.q, (self.k, self.v), self.table, implementation=[])
 
   def test_truncated_rows_are_nan(self):
     blocks = [SemanticBlock("system", 0, 64, BlockPolicy.ALWAYS)]
@@ -119,7 +119,7 @@ class DispatchTest(parameterized.TestCase):
                   RouterConfig(recent_tokens=0, max_pages=2, default_policy=BlockPolicy.SKIP))
     np.testing.assert_array_equal(table.truncated, [True, False])
     q, k, v = self.q[:2], self.k[:2, :64], self.v[:2, :64]
-    out = np.asarray(decode_attention(q, k, v, table))
+    out = np.asarray(decode_attention(q, (k, v), table))
     self.assertTrue(np.isnan(out[0]).all())
     np.testing.assert_array_equal(out[1], 0.0)  # Nothing selected: zeros.
 
@@ -131,7 +131,7 @@ class DispatchTest(parameterized.TestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(seq_lens, q, k, v):
-      return decode_attention(q, k, v, route(layout, seq_lens, config))
+      return decode_attention(q, (k, v), route(layout, seq_lens, config))
 
     for seq_len in (100, 180, 250, 300):
       step(jnp.asarray([seq_len]), self.q[:1], self.k[:1], self.v[:1])
@@ -161,7 +161,8 @@ class DispatchTest(parameterized.TestCase):
     args = dict(q=self.q, k=self.k, v=self.v, table=self.table)
     args.update(overrides)
     with self.assertRaisesRegex(error, message):
-      decode_attention(**args)
+      decode_attention(args["q"], (args["k"], args["v"]), args["table"],
+                       **{n: args[n] for n in args if n not in ("q", "k", "v", "table")})
 
 
 if __name__ == "__main__":
