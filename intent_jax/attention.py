@@ -44,8 +44,17 @@ def _reference(q, kv, table, **kwargs):
   return reference.selected_attention(q, *kv, table, **kwargs)
 
 
+def _pallas_gpu(q, kv, table, **kwargs):
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError("pallas_gpu runs on GPUs")
+  # Imported here: the kernel package builds on this one.
+  from pallas_kernels.gpu import selected_page_decode  # pylint: disable=g-import-not-at-top
+  return selected_page_decode.selected_page_decode(q, kv, table, **kwargs)
+
+
 register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
+register_implementation("pallas_gpu", _pallas_gpu)
 
 
 def default_implementations(platform: str | None = None) -> tuple[str, ...]:
@@ -142,11 +151,14 @@ def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, s
   wrong = table.truncated
   if isinstance(kv, cache_lib.KVCache):
     wrong = wrong | (table.seq_lens != kv.lengths)
+  reasons = []
   for name in names:
     try:
       out = IMPLEMENTATIONS[name](q, kv, table, q_positions=q_positions, sinks=sinks,
                                   scale=scale, softcap=softcap)
-    except NotImplementedError:
+    except NotImplementedError as e:
+      reasons.append(f"{name}: {e}")
       continue
     return jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
-  raise NotImplementedError(f"none of the implementations {list(names)} supports these inputs")
+  raise NotImplementedError(
+      f"none of the implementations {list(names)} supports these inputs ({'; '.join(reasons)})")

@@ -4,8 +4,10 @@ Symmetric round-to-nearest absmax. A float32 scale per slice along `axis` (the a
 find the slice's largest |x|) maps that largest value to the format's largest value `QMAX`:
   INT8: q = round(x / s) in [-127, 127], s = absmax / 127; |x - q s| <= s / 2.
   INT4: q = round(x / s) in [-7, 7], s = absmax / 7; |x - q s| <= s / 2. Packed two per byte
-        along the last axis: element 2i in the low nibble, 2i+1 in the high nibble, each a 4-bit
-        two's complement number (so [1, -2] packs to 0xE1).
+        along the last axis of size n: byte j holds element j in its low nibble and element
+        j + n/2 in its high nibble, each a 4-bit two's complement number (so [1, -2, -8, 7]
+        packs to [0x81, 0x7E]). Low nibbles are the first half of the axis and high nibbles the
+        second, so a kernel unpacks with two whole-half operations and no interleaving.
   FP8:  float8_e4m3fn(x / s), s = absmax / 448 (3 mantissa bits: relative error <= 2^-4).
   BF16: no scale; values are stored as bfloat16.
 A slice of zeros gets scale 0 and dequantizes to zeros (never NaN or inf).
@@ -46,19 +48,24 @@ class Quantized:
 
 
 def pack_int4(q: jax.Array) -> jax.Array:
-  """int8[..., 2n] with values in [-8, 7] -> uint8[..., n], element 2i in the low nibble."""
+  """int8[..., 2n] with values in [-8, 7] -> uint8[..., n]: element j low, j + n high."""
   if q.shape[-1] % 2:
     raise ValueError(f"INT4 packs pairs along the last axis; got odd size {q.shape[-1]}")
+  half = q.shape[-1] // 2
   nibbles = q.astype(jnp.uint8) & 0xF
-  return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+  return nibbles[..., :half] | (nibbles[..., half:] << 4)
+
+
+def int4_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """uint8[..., n] -> the signed low and high nibbles, int32[..., n] each (first, second half)."""
+  sign_extend = lambda nibble: (nibble.astype(jnp.int32) ^ 8) - 8
+  return sign_extend(packed & 0xF), sign_extend(packed >> 4)
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
   """uint8[..., n] -> int8[..., 2n]; inverse of pack_int4."""
-  low = (packed & 0xF).astype(jnp.int8)
-  high = (packed >> 4).astype(jnp.int8)
-  pairs = jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-  return (pairs ^ 8) - 8  # Sign-extend 4-bit two's complement.
+  low, high = int4_nibbles(packed)
+  return jnp.concatenate([low, high], axis=-1).astype(jnp.int8)
 
 
 def quantize(x: jax.Array, precision: Precision, axis) -> Quantized:

@@ -46,7 +46,7 @@ class QuantTest(parameterized.TestCase):
 
   def test_int4_nibble_order(self):
     packed = quant.pack_int4(jnp.asarray([[1, -2, -8, 7]], jnp.int8))
-    np.testing.assert_array_equal(packed, [[0xE1, 0x78]])
+    np.testing.assert_array_equal(packed, [[0x81, 0x7E]])  # Byte j: element j, j + 2.
     every_pair = jnp.stack(jnp.meshgrid(jnp.arange(-8, 8), jnp.arange(-8, 8)), -1).reshape(-1, 2)
     every_pair = every_pair.astype(jnp.int8)
     np.testing.assert_array_equal(quant.unpack_int4(quant.pack_int4(every_pair)), every_pair)

@@ -1,0 +1,272 @@
+"""Selected-page decode attention on GPU, in Pallas (Triton backend): implementation "pallas_gpu".
+
+Reference: `intent_jax.reference.paged_attention`, the answer this must match.
+
+Work: one program per (sequence, kv head, split). The wrapper sorts each sequence's table entries
+by the precision their page is stored in; a program takes its split's share of them and runs one
+loop per precision, each over blocks of `pages_per_block` pages: gather the pages' K and V from
+that precision's pool, dequantize in registers (INT4 nibbles, FP8/INT8 codes times their scales),
+and attend every query row of the kv head at once (GQA packing: a page is read once per kv head)
+with an online softmax. Channels go in two halves, the INT4 storage layout, so no path needs to
+slice registers. Splits (flash-decoding) are combined by log-sum-exp after the kernel, where the
+sink logits join the denominator.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from intent_jax import cache as cache_lib
+from intent_jax import quant
+from intent_jax.precision import NUM_PRECISIONS, Precision
+from intent_jax.router import BITS_PER_WORD, PageTable
+from pallas_kernels import tuned_block_sizes
+
+MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
+MIN_ROWS = 16  # Triton's smallest matmul tile.
+_BOUNDS = 8  # bounds[b] holds NUM_PRECISIONS + 1 = 5 offsets, padded to a power of two.
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def static_validate_inputs(q, cache, table) -> None:
+  """Raises NotImplementedError for inputs this kernel does not handle (the dispatcher then tries
+  the next implementation). Shapes were checked by `decode_attention`."""
+  if not isinstance(cache, cache_lib.KVCache):
+    raise NotImplementedError("pallas_gpu reads a paged KVCache, not contiguous K/V")
+  head_dim = cache.config.head_dim
+  if head_dim < 32 or head_dim & (head_dim - 1):
+    raise NotImplementedError(f"pallas_gpu needs head_dim a power of two >= 32, got {head_dim}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise NotImplementedError(f"pallas_gpu computes in bfloat16, float16 or float32, not {q.dtype}")
+  if table.page_size not in tuned_block_sizes.GPU_DECODE_BLOCKS:
+    raise NotImplementedError(f"no block sizes for page_size {table.page_size}")
+
+
+def _token_mask(words, page_size: int):
+  """i32[pages, words] of token bits -> bool[pages, page_size]."""
+  if page_size <= BITS_PER_WORD:
+    return ((words >> jnp.arange(page_size, dtype=jnp.int32)[None, :]) & 1) == 1
+  bits = (words[:, :, None] >> jnp.arange(BITS_PER_WORD, dtype=jnp.int32)[None, None, :]) & 1
+  return bits.reshape(words.shape[0], page_size) == 1
+
+
+def _load_halves(data_ref, slot, precision: Precision, half: int):
+  """The codes of channels [0, half) and [half, 2 half) of pages `slot` of one pool.
+
+  data_ref: [pages, page_size, stored_dim]. Returns two [len(slot), page_size, half] arrays: the
+  stored values for BF16, float32 codes otherwise (the caller applies the scales).
+  """
+  if precision == Precision.INT4:
+    low, high = quant.int4_nibbles(data_ref[slot])
+    return low.astype(jnp.float32), high.astype(jnp.float32)
+  low = data_ref[slot, :, pl.ds(0, half)]
+  high = data_ref[slot, :, pl.ds(half, half)]
+  if precision == Precision.BF16:
+    return low, high
+  return low.astype(jnp.float32), high.astype(jnp.float32)
+
+
+def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, num_splits,
+            scale, softcap, compute_dtype):
+  bounds_ref, slots_ref, pages_ref, bits_ref, q_pos_ref, q_low_ref, q_high_ref = refs[:7]
+  pool_refs = refs[7:7 + num_pool_refs]  # Then, when poisoned, the aliased output buffers.
+  acc_low_ref, acc_high_ref, m_ref, l_ref = refs[-4:]
+  rows = q_low_ref.shape[0]
+  keys = pages_per_block * page_size
+  exact = compute_dtype == jnp.float32
+  dot = functools.partial(plgpu.dot, allow_tf32=False if exact else None)
+
+  total = bounds_ref[NUM_PRECISIONS]
+  share = (total + num_splits - 1) // num_splits
+  start = pl.program_id(2) * share
+  stop = jnp.minimum(start + share, total)
+  q_low, q_high = q_low_ref[...], q_high_ref[...]
+  q_pos = q_pos_ref[...]
+
+  def block(first, last, pool, it, carry):
+    m_prev, l_prev, acc_low, acc_high = carry
+    entry = first + it * pages_per_block + jnp.arange(pages_per_block)
+    live = entry < last
+    entry = jnp.where(live, entry, 0)
+    slot = jnp.where(live, slots_ref[entry], 0)
+    visible_tokens = (_token_mask(bits_ref[entry], page_size) & live[:, None]).reshape(keys)
+    positions = (pages_ref[entry][:, None] * page_size +
+                 jnp.arange(page_size, dtype=jnp.int32)[None, :]).reshape(keys)
+    visible = visible_tokens[None, :] & (positions[None, :] <= q_pos[:, None])
+
+    k_low, k_high = _load_halves(pool["k"], slot, pool["precision"], half)
+    if pool["precision"] != Precision.BF16:
+      k_low = k_low * pool["k_scale"][slot, pl.ds(0, half)][:, None, :]
+      k_high = k_high * pool["k_scale"][slot, pl.ds(half, half)][:, None, :]
+    k_low = k_low.reshape(keys, half).astype(compute_dtype)
+    k_high = k_high.reshape(keys, half).astype(compute_dtype)
+    logits = dot(q_low, k_low, trans_b=True) + dot(q_high, k_high, trans_b=True)
+    logits = logits.astype(jnp.float32) * scale
+    if softcap is not None:
+      logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(visible, logits, MASK_VALUE)
+
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    correction = jnp.exp(m_prev - m_next)
+    weights = jnp.where(visible, jnp.exp(logits - m_next[:, None]), 0.0)
+    l_next = l_prev * correction + jnp.sum(weights, axis=1)
+    v_low, v_high = _load_halves(pool["v"], slot, pool["precision"], half)
+    if pool["precision"] != Precision.BF16:
+      weights = weights * pool["v_scale"][slot].reshape(keys)[None, :]  # V's scale per token.
+    weights = weights.astype(compute_dtype)
+    acc_low = acc_low * correction[:, None] + dot(
+        weights, v_low.reshape(keys, half).astype(compute_dtype))
+    acc_high = acc_high * correction[:, None] + dot(
+        weights, v_high.reshape(keys, half).astype(compute_dtype))
+    return m_next, l_next, acc_low.astype(jnp.float32), acc_high.astype(jnp.float32)
+
+  carry = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
+           jnp.zeros((rows, half), jnp.float32), jnp.zeros((rows, half), jnp.float32))
+  position = 0
+  for precision in precisions:
+    pool = dict(precision=precision, k=pool_refs[position], v=pool_refs[position + 1])
+    position += 2
+    if precision != Precision.BF16:
+      pool.update(k_scale=pool_refs[position], v_scale=pool_refs[position + 1])
+      position += 2
+    first = jnp.maximum(start, bounds_ref[int(precision)])
+    last = jnp.minimum(stop, bounds_ref[int(precision) + 1])
+    steps = (jnp.maximum(last - first, 0) + pages_per_block - 1) // pages_per_block
+    carry = jax.lax.fori_loop(0, steps, functools.partial(block, first, last, pool), carry)
+  m, l, acc_low, acc_high = carry
+  acc_low_ref[...] = acc_low
+  acc_high_ref[...] = acc_high
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _sorted_entries(cache, table, capacity: int):
+  """The table's entries sorted by stored precision, padded to `capacity`.
+
+  Returns slots, pages i32[batch, capacity]; bits i32[batch, capacity, words]; bounds
+  i32[batch, 8] where entries bounds[p] .. bounds[p+1] are stored in Precision p.
+  """
+  pools, slots = cache_lib.lookup(cache, table)
+  key = jnp.where(pools == cache_lib.UNMAPPED, NUM_PRECISIONS, pools)
+  order = jnp.argsort(key, axis=1, stable=True)
+  pad = capacity - table.max_pages
+  take = lambda x: jnp.pad(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
+                                               axis=1),
+                           ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  bits = jax.lax.bitcast_convert_type(table.token_bits, jnp.int32)
+  below = jnp.sum(key[:, :, None] < jnp.arange(NUM_PRECISIONS + 1), axis=1, dtype=jnp.int32)
+  bounds = jnp.pad(below, ((0, 0), (0, _BOUNDS - NUM_PRECISIONS - 1)))
+  return take(jnp.maximum(slots, 0)), take(table.page_ids), take(bits), bounds
+
+
+def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
+                         sinks=None, scale=None, softcap=None, interpret: bool = False,
+                         num_splits: int | None = None, poison: bool = False) -> jax.Array:
+  """Decode attention of q over the table's tokens, read from the paged cache.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim], batch = cache max_seqs, q_len 1..8.
+    cache: KVCache; pages are read in the precision they are stored in.
+    table: PageTable routed for the cache's lengths.
+    q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
+    sinks: optional f32[num_q_heads]; scale: default 1/sqrt(head_dim); softcap: optional.
+    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    num_splits: splits per sequence; default from the shape (tuned_block_sizes).
+    poison: start the kernel's outputs as NaN (aliased buffers), so a block it fails to write
+      shows in the result; for checks on the GPU.
+
+  Returns:
+    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible.
+  """
+  static_validate_inputs(q, cache, table)
+  cfg = cache.config
+  batch, q_len, num_q_heads, head_dim = q.shape
+  num_kv_heads, page_size, half = cfg.num_kv_heads, cfg.page_size, cfg.head_dim // 2
+  group = num_q_heads // num_kv_heads
+  blocks = tuned_block_sizes.GPU_DECODE_BLOCKS[page_size]
+  if num_splits is None:
+    cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
+    num_splits = tuned_block_sizes.gpu_num_splits(batch, num_kv_heads, table.max_pages,
+                                                  blocks.pages_per_block, cores)
+  scale = head_dim**-0.5 if scale is None else scale
+  if q_positions is None:
+    q_positions = table.query_positions(q_len)
+
+  # Query rows of a kv head: (query head in the group, query token), padded for the matmul.
+  used_rows = group * q_len
+  rows = max(MIN_ROWS, _next_power_of_two(used_rows))
+  q_rows = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
+  q_rows = q_rows.reshape(batch, num_kv_heads, used_rows, head_dim)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))  # row g * q_len + t -> token t
+  row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used_rows)), constant_values=-1)
+
+  capacity = _next_power_of_two(table.max_pages)
+  slots, pages, bits, bounds = _sorted_entries(cache, table, capacity)
+  words = bits.shape[-1]
+  present = [pool for pool in cache.pools if pool.num_pages > 0]
+
+  per_seq = lambda *tail: pl.BlockSpec((None,) + tail, lambda b, h, s: (b,) + (0,) * len(tail))
+  per_head = lambda *tail: pl.BlockSpec((None, None) + tail,
+                                        lambda b, h, s: (b, h) + (0,) * len(tail))
+  per_pool = lambda x: pl.BlockSpec((None,) + x.shape[1:],
+                                    lambda b, h, s: (h,) + (0,) * (x.ndim - 1))
+  in_specs = [per_seq(_BOUNDS), per_seq(capacity), per_seq(capacity), per_seq(capacity, words),
+              per_seq(rows), per_head(rows, half), per_head(rows, half)]
+  inputs = [bounds, slots, pages, bits, row_pos, q_rows[..., :half], q_rows[..., half:]]
+  for pool in present:
+    arrays = [pool.k, pool.v]
+    if pool.precision != Precision.BF16:
+      arrays += [pool.k_scale, pool.v_scale]
+    inputs += arrays
+    in_specs += [per_pool(x) for x in arrays]
+  out_block = lambda *tail: pl.BlockSpec((None, None, None) + tail,
+                                         lambda b, h, s: (b, h, s) + (0,) * len(tail))
+  out_shape = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + tail,
+                                                 jnp.float32)
+  outputs = [out_shape(rows, half), out_shape(rows, half), out_shape(rows), out_shape(rows)]
+  aliases = {}
+  if poison:
+    aliases = {len(inputs) + i: i for i in range(len(outputs))}
+    inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in outputs]
+    in_specs += [out_block(rows, half), out_block(rows, half), out_block(rows), out_block(rows)]
+  kernel = functools.partial(
+      _kernel, precisions=tuple(pool.precision for pool in present),
+      num_pool_refs=len(inputs) - 7 - (len(outputs) if poison else 0),
+      pages_per_block=blocks.pages_per_block, page_size=page_size, half=half,
+      num_splits=num_splits, scale=float(scale),
+      softcap=None if softcap is None else float(softcap), compute_dtype=q.dtype)
+  acc_low, acc_high, m, l = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=[out_block(rows, half), out_block(rows, half), out_block(rows), out_block(rows)],
+      out_shape=outputs,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                           num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="selected_page_decode",
+  )(*inputs)
+
+  # Log-sum-exp over splits; the sinks join the denominator.
+  top = jnp.max(m, axis=2)  # [batch, kv heads, rows]
+  if sinks is not None:
+    sink_rows = jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, group), q_len, axis=1)
+    sink_rows = jnp.pad(sink_rows, ((0, 0), (0, rows - used_rows)), constant_values=MASK_VALUE)
+    top = jnp.maximum(top, sink_rows[None])
+  weight = jnp.exp(m - top[:, :, None])
+  numerator = jnp.sum(jnp.concatenate([acc_low, acc_high], -1) * weight[..., None], axis=2)
+  denominator = jnp.sum(l * weight, axis=2)
+  if sinks is not None:
+    denominator = denominator + jnp.exp(sink_rows[None] - top)
+  out = numerator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+  out = out[:, :, :used_rows].reshape(batch, num_kv_heads, group, q_len, head_dim)
+  return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
