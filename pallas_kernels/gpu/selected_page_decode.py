@@ -7,8 +7,9 @@ by the precision their page is stored in; a program takes its split's share of t
 loop per precision, each over blocks of `pages_per_block` pages: gather the pages' K and V from
 that precision's pool, dequantize in registers (INT4 nibbles, FP8/INT8 codes times their scales),
 and attend every query row of the kv head at once (GQA packing: a page is read once per kv head)
-with an online softmax. Channels go in two halves, the INT4 storage layout, so no path needs to
-slice registers. Splits (flash-decoding) are combined by log-sum-exp after the kernel, where the
+with an online softmax. INT4 pages are unpacked as the two halves of the channels (their storage
+layout) into two half-width accumulators, added to the full-width one after the kernel, so no path
+slices registers. Splits (flash-decoding) are combined by log-sum-exp after the kernel, where the
 sink logits join the denominator.
 """
 
@@ -57,28 +58,14 @@ def _token_mask(words, page_size: int):
   return bits.reshape(words.shape[0], page_size) == 1
 
 
-def _load_halves(data_ref, slot, precision: Precision, half: int):
-  """The codes of channels [0, half) and [half, 2 half) of pages `slot` of one pool.
-
-  data_ref: [pages, page_size, stored_dim]. Returns two [len(slot), page_size, half] arrays: the
-  stored values for BF16, float32 codes otherwise (the caller applies the scales).
-  """
-  if precision == Precision.INT4:
-    low, high = quant.int4_nibbles(data_ref[slot])
-    return low.astype(jnp.float32), high.astype(jnp.float32)
-  low = data_ref[slot, :, pl.ds(0, half)]
-  high = data_ref[slot, :, pl.ds(half, half)]
-  if precision == Precision.BF16:
-    return low, high
-  return low.astype(jnp.float32), high.astype(jnp.float32)
-
-
-def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, num_splits,
-            scale, softcap, compute_dtype):
-  bounds_ref, slots_ref, pages_ref, bits_ref, q_pos_ref, q_low_ref, q_high_ref = refs[:7]
-  pool_refs = refs[7:7 + num_pool_refs]  # Then, when poisoned, the aliased output buffers.
-  acc_low_ref, acc_high_ref, m_ref, l_ref = refs[-4:]
-  rows = q_low_ref.shape[0]
+def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_splits, scale,
+            softcap, compute_dtype):
+  bounds_ref, slots_ref, pages_ref, bits_ref, q_pos_ref, q_ref = refs[:6]
+  pool_refs = refs[6:6 + num_pool_refs]  # Then, when poisoned, the aliased output buffers.
+  with_int4 = Precision.INT4 in precisions
+  out_refs = refs[-5:] if with_int4 else refs[-3:]
+  rows, head_dim = q_ref.shape
+  half = head_dim // 2
   keys = pages_per_block * page_size
   exact = compute_dtype == jnp.float32
   dot = functools.partial(plgpu.dot, allow_tf32=False if exact else None)
@@ -87,11 +74,12 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, 
   share = (total + num_splits - 1) // num_splits
   start = pl.program_id(2) * share
   stop = jnp.minimum(start + share, total)
-  q_low, q_high = q_low_ref[...], q_high_ref[...]
+  q = q_ref[...]
   q_pos = q_pos_ref[...]
 
   def block(first, last, pool, it, carry):
-    m_prev, l_prev, acc_low, acc_high = carry
+    m_prev, l_prev, acc, halves = carry
+    precision = pool["precision"]
     entry = first + it * pages_per_block + jnp.arange(pages_per_block)
     live = entry < last
     entry = jnp.where(live, entry, 0)
@@ -101,13 +89,18 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, 
                  jnp.arange(page_size, dtype=jnp.int32)[None, :]).reshape(keys)
     visible = visible_tokens[None, :] & (positions[None, :] <= q_pos[:, None])
 
-    k_low, k_high = _load_halves(pool["k"], slot, pool["precision"], half)
-    if pool["precision"] != Precision.BF16:
+    if precision == Precision.INT4:  # Low nibbles are channels [0, half), high the rest.
+      k_low, k_high = (x.astype(jnp.float32) for x in quant.int4_nibbles(pool["k"][slot]))
       k_low = k_low * pool["k_scale"][slot, pl.ds(0, half)][:, None, :]
       k_high = k_high * pool["k_scale"][slot, pl.ds(half, half)][:, None, :]
-    k_low = k_low.reshape(keys, half).astype(compute_dtype)
-    k_high = k_high.reshape(keys, half).astype(compute_dtype)
-    logits = dot(q_low, k_low, trans_b=True) + dot(q_high, k_high, trans_b=True)
+      as_keys = lambda x: x.reshape(keys, half).astype(compute_dtype)
+      logits = (dot(q_ref[:, pl.ds(0, half)], as_keys(k_low), trans_b=True) +
+                dot(q_ref[:, pl.ds(half, half)], as_keys(k_high), trans_b=True))
+    else:
+      k = pool["k"][slot]
+      if precision != Precision.BF16:
+        k = k.astype(jnp.float32) * pool["k_scale"][slot][:, None, :]
+      logits = dot(q, k.reshape(keys, head_dim).astype(compute_dtype), trans_b=True)
     logits = logits.astype(jnp.float32) * scale
     if softcap is not None:
       logits = softcap * jnp.tanh(logits / softcap)
@@ -117,18 +110,22 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, 
     correction = jnp.exp(m_prev - m_next)
     weights = jnp.where(visible, jnp.exp(logits - m_next[:, None]), 0.0)
     l_next = l_prev * correction + jnp.sum(weights, axis=1)
-    v_low, v_high = _load_halves(pool["v"], slot, pool["precision"], half)
-    if pool["precision"] != Precision.BF16:
+    if precision != Precision.BF16:
       weights = weights * pool["v_scale"][slot].reshape(keys)[None, :]  # V's scale per token.
     weights = weights.astype(compute_dtype)
-    acc_low = acc_low * correction[:, None] + dot(
-        weights, v_low.reshape(keys, half).astype(compute_dtype))
-    acc_high = acc_high * correction[:, None] + dot(
-        weights, v_high.reshape(keys, half).astype(compute_dtype))
-    return m_next, l_next, acc_low.astype(jnp.float32), acc_high.astype(jnp.float32)
+    acc = acc * correction[:, None]
+    halves = tuple(h * correction[:, None] for h in halves)
+    if precision == Precision.INT4:
+      v_low, v_high = (x.astype(compute_dtype).reshape(keys, half)
+                       for x in quant.int4_nibbles(pool["v"][slot]))
+      halves = (halves[0] + dot(weights, v_low), halves[1] + dot(weights, v_high))
+    else:
+      acc = acc + dot(weights, pool["v"][slot].reshape(keys, head_dim).astype(compute_dtype))
+    return m_next, l_next, acc.astype(jnp.float32), tuple(h.astype(jnp.float32) for h in halves)
 
   carry = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
-           jnp.zeros((rows, half), jnp.float32), jnp.zeros((rows, half), jnp.float32))
+           jnp.zeros((rows, head_dim), jnp.float32),
+           tuple(jnp.zeros((rows, half), jnp.float32) for _ in range(2 if with_int4 else 0)))
   position = 0
   for precision in precisions:
     pool = dict(precision=precision, k=pool_refs[position], v=pool_refs[position + 1])
@@ -140,11 +137,9 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, half, 
     last = jnp.minimum(stop, bounds_ref[int(precision) + 1])
     steps = (jnp.maximum(last - first, 0) + pages_per_block - 1) // pages_per_block
     carry = jax.lax.fori_loop(0, steps, functools.partial(block, first, last, pool), carry)
-  m, l, acc_low, acc_high = carry
-  acc_low_ref[...] = acc_low
-  acc_high_ref[...] = acc_high
-  m_ref[...] = m
-  l_ref[...] = l
+  m, l, acc, halves = carry
+  for ref, value in zip(out_refs, (m, l, acc) + halves):
+    ref[...] = value
 
 
 def _sorted_entries(cache, table, capacity: int):
@@ -168,7 +163,8 @@ def _sorted_entries(cache, table, capacity: int):
 
 def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
                          sinks=None, scale=None, softcap=None, interpret: bool = False,
-                         num_splits: int | None = None, poison: bool = False) -> jax.Array:
+                         num_splits: int | None = None, poison: bool = False,
+                         blocks: tuned_block_sizes.GpuDecodeBlocks | None = None) -> jax.Array:
   """Decode attention of q over the table's tokens, read from the paged cache.
 
   Args:
@@ -181,6 +177,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     num_splits: splits per sequence; default from the shape (tuned_block_sizes).
     poison: start the kernel's outputs as NaN (aliased buffers), so a block it fails to write
       shows in the result; for checks on the GPU.
+    blocks: tiling; default from tuned_block_sizes for the page size.
 
   Returns:
     [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible.
@@ -190,7 +187,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads, page_size, half = cfg.num_kv_heads, cfg.page_size, cfg.head_dim // 2
   group = num_q_heads // num_kv_heads
-  blocks = tuned_block_sizes.GPU_DECODE_BLOCKS[page_size]
+  blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[page_size]
   if num_splits is None:
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.gpu_num_splits(batch, num_kv_heads, table.max_pages,
@@ -212,42 +209,44 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   slots, pages, bits, bounds = _sorted_entries(cache, table, capacity)
   words = bits.shape[-1]
   present = [pool for pool in cache.pools if pool.num_pages > 0]
+  with_int4 = any(pool.precision == Precision.INT4 for pool in present)
 
   per_seq = lambda *tail: pl.BlockSpec((None,) + tail, lambda b, h, s: (b,) + (0,) * len(tail))
-  per_head = lambda *tail: pl.BlockSpec((None, None) + tail,
-                                        lambda b, h, s: (b, h) + (0,) * len(tail))
   per_pool = lambda x: pl.BlockSpec((None,) + x.shape[1:],
                                     lambda b, h, s: (h,) + (0,) * (x.ndim - 1))
   in_specs = [per_seq(_BOUNDS), per_seq(capacity), per_seq(capacity), per_seq(capacity, words),
-              per_seq(rows), per_head(rows, half), per_head(rows, half)]
-  inputs = [bounds, slots, pages, bits, row_pos, q_rows[..., :half], q_rows[..., half:]]
+              per_seq(rows),
+              pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  inputs = [bounds, slots, pages, bits, row_pos, q_rows]
   for pool in present:
     arrays = [pool.k, pool.v]
     if pool.precision != Precision.BF16:
       arrays += [pool.k_scale, pool.v_scale]
     inputs += arrays
     in_specs += [per_pool(x) for x in arrays]
+  num_pool_refs = len(inputs) - 6
   out_block = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                          lambda b, h, s: (b, h, s) + (0,) * len(tail))
   out_shape = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + tail,
                                                  jnp.float32)
-  outputs = [out_shape(rows, half), out_shape(rows, half), out_shape(rows), out_shape(rows)]
+  tails = [(rows,), (rows,), (rows, head_dim)] + [(rows, half)] * (2 if with_int4 else 0)
+  out_specs = [out_block(*t) for t in tails]
+  outputs = [out_shape(*t) for t in tails]
   aliases = {}
   if poison:
     aliases = {len(inputs) + i: i for i in range(len(outputs))}
     inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in outputs]
-    in_specs += [out_block(rows, half), out_block(rows, half), out_block(rows), out_block(rows)]
+    in_specs += out_specs
   kernel = functools.partial(
-      _kernel, precisions=tuple(pool.precision for pool in present),
-      num_pool_refs=len(inputs) - 7 - (len(outputs) if poison else 0),
-      pages_per_block=blocks.pages_per_block, page_size=page_size, half=half,
-      num_splits=num_splits, scale=float(scale),
-      softcap=None if softcap is None else float(softcap), compute_dtype=q.dtype)
-  acc_low, acc_high, m, l = pl.pallas_call(
+      _kernel, precisions=tuple(pool.precision for pool in present), num_pool_refs=num_pool_refs,
+      pages_per_block=blocks.pages_per_block, page_size=page_size, num_splits=num_splits,
+      scale=float(scale), softcap=None if softcap is None else float(softcap),
+      compute_dtype=q.dtype)
+  m, l, acc, *halves = pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, num_splits),
       in_specs=in_specs,
-      out_specs=[out_block(rows, half), out_block(rows, half), out_block(rows), out_block(rows)],
+      out_specs=out_specs,
       out_shape=outputs,
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
@@ -255,6 +254,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
       interpret=interpret,
       name="selected_page_decode",
   )(*inputs)
+  if halves:
+    acc = acc + jnp.concatenate(halves, axis=-1)
 
   # Log-sum-exp over splits; the sinks join the denominator.
   top = jnp.max(m, axis=2)  # [batch, kv heads, rows]
@@ -263,7 +264,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     sink_rows = jnp.pad(sink_rows, ((0, 0), (0, rows - used_rows)), constant_values=MASK_VALUE)
     top = jnp.maximum(top, sink_rows[None])
   weight = jnp.exp(m - top[:, :, None])
-  numerator = jnp.sum(jnp.concatenate([acc_low, acc_high], -1) * weight[..., None], axis=2)
+  numerator = jnp.sum(acc * weight[..., None], axis=2)
   denominator = jnp.sum(l * weight, axis=2)
   if sinks is not None:
     denominator = denominator + jnp.exp(sink_rows[None] - top)

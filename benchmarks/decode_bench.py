@@ -1,0 +1,179 @@
+r"""Decode attention over selected pages: this library's kernel beside its peers, in one run.
+
+For each (batch, tokens) shape and page size it measures, on the same random data:
+  * the copy ceiling (a 1 GiB bf16 copy, bytes read + written),
+  * dense attention over the whole context: jax.nn.dot_product_attention with cuDNN and with XLA,
+  * per selection (random sorted page sets): JAX's Pallas GPU `paged_attention` over the same
+    pages (same bytes), XLA gather of those pages + dense attention, and this library's
+    implementation with the pages stored in BF16, INT8, FP8, INT4 or a mix,
+  * with --traces, tables routed from the synthetic agentic traces of that length.
+Bytes are K and V of the pages each variant must read, once, scales included; GB/s is bytes over
+time; "% copy" is that over the copy ceiling measured in the same run. With --check, each of this
+library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
+first, so unwritten blocks show).
+
+  python -m benchmarks.decode_bench --shapes=1x131072,8x32768 --json_out=/tmp/decode.json
+"""
+
+import functools
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import decode_inputs
+from benchmarks import timing
+from intent_jax import attention
+from intent_jax import cache as cache_lib
+from intent_jax import cost
+from intent_jax import gather_attention
+from intent_jax import reference
+from intent_jax import router
+from intent_jax import traces
+from intent_jax.precision import Precision
+
+_SHAPES = flags.DEFINE_list("shapes", ["1x131072", "8x32768", "32x32768", "8x131072"],
+                            "batch x tokens.")
+_PAGE_SIZES = flags.DEFINE_list("page_sizes", ["16"], "Tokens per page.")
+_SELECTIONS = flags.DEFINE_list("selections", ["0.25", "0.0625"], "Fractions of pages read.")
+_PRECISIONS = flags.DEFINE_list("precisions", ["bf16", "int8", "fp8", "int4", "mixed"],
+                                "Storage of the selected pages: bf16, int8, fp8, int4 or mixed "
+                                "(10% BF16, 30% INT8, 60% INT4). Quantized ones run at the first "
+                                "selection only.")
+_TRACES = flags.DEFINE_bool("traces", False, "Also route the synthetic agentic traces.")
+_PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
+_CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
+_IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
+_NUM_Q_HEADS = flags.DEFINE_integer("num_q_heads", 32, "Query heads.")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 8, "KV heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Channels per head.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
+_CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+
+def _relative_error(out, expected) -> float:
+  out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
+  return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
+
+def main(argv):
+  del argv
+  hq, hkv, d = _NUM_Q_HEADS.value, _NUM_KV_HEADS.value, _HEAD_DIM.value
+  measure = functools.partial(timing.median_seconds, rounds=_ROUNDS.value, calls=_CALLS.value)
+  rows = []
+
+  def report(name, batch, num_tokens, page_size, selection, storage, seconds, nbytes, keys,
+             **extra):
+    row = dict(name=name, batch=batch, tokens=num_tokens, page_size=page_size,
+               selection=selection, storage=storage, us=seconds * 1e6, bytes=nbytes,
+               gbps=nbytes / seconds / 1e9, tflops=4 * hq * d * keys / seconds / 1e12, **extra)
+    row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+    rows.append(row)
+    print(f"{name:<34} B={batch:<3} T={num_tokens:<7} ps={page_size:<3} sel={selection:<7}"
+          f" {storage:<6} {row['us']:>9.1f} us {row['gbps']:>7.0f} GB/s {row['pct_copy']:>5.1f}%"
+          + "".join(f" {k}={v:.2e}" if isinstance(v, float) else f" {k}={v}"
+                    for k, v in extra.items()), flush=True)
+
+  big = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)  # 1 GiB.
+  copy_s = measure(jax.jit(lambda x: x + 1), big)
+  copy_gbps = 2 * big.nbytes / copy_s / 1e9
+  del big
+  print(f"copy ceiling: {copy_gbps:.0f} GB/s (1 GiB bf16, read + write), {jax.devices()[0]}")
+  rows.append(dict(name="copy", gbps=copy_gbps, us=copy_s * 1e6))
+  decode = jax.jit(functools.partial(attention.decode_attention,
+                                     implementation=_IMPLEMENTATION.value))
+  rng = np.random.default_rng(0)
+
+  for shape in _SHAPES.value:
+    batch, num_tokens = map(int, shape.split("x"))
+    kq, kk, kv = jax.random.split(jax.random.key(batch + num_tokens), 3)
+    q = jax.random.normal(kq, (batch, 1, hq, d), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, num_tokens, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, num_tokens, hkv, d), jnp.bfloat16)
+    dense_bytes = 2 * k.nbytes
+    if _PEERS.value:
+      for impl in ("cudnn", "xla"):
+        try:
+          seconds = measure(jax.jit(functools.partial(jax.nn.dot_product_attention,
+                                                      implementation=impl)), q, k, v)
+          report(f"dense dot_product_attention {impl}", batch, num_tokens, 0, "1", "bf16",
+                 seconds, dense_bytes, num_tokens)
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"dense dot_product_attention {impl}: not available ({type(e).__name__})")
+
+    for page_size in map(int, _PAGE_SIZES.value):
+      for s_index, selection in enumerate(_SELECTIONS.value):
+        names = _PRECISIONS.value if s_index == 0 else ["bf16"]
+        for storage in names:
+          table = decode_inputs.selection_table(rng, batch, num_tokens, page_size,
+                                                float(selection),
+                                                decode_inputs.precision_picker(storage))
+          cache = decode_inputs.stored_cache(k, v, table, page_size)
+          stored, slots = cache_lib.lookup(cache, table)
+          nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
+          keys = int(jnp.sum(table.num_pages)) * page_size // batch
+          extra = {}
+          if _CHECK.value:
+            impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
+            out = jax.jit(lambda q, c, t: impl(q, c, t, poison=True) if _IMPLEMENTATION.value ==
+                          "pallas_gpu" else impl(q, c, t))(q, cache, table)
+            extra["rel_err"] = _relative_error(out, reference.paged_attention(q, cache, table))
+          report(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
+                 storage, measure(decode, q, cache, table), nbytes, keys, **extra)
+          if _PEERS.value and storage == "bf16":
+            pool = cache.pools[Precision.BF16]
+            paged = jax.jit(functools.partial(_jax_paged_attention, k_splits=16))
+            try:
+              report("jax pallas paged_attention", batch, num_tokens, page_size, selection, "bf16",
+                     measure(paged, q, pool.k, pool.v, slots), nbytes, keys)
+            except Exception as e:  # pylint: disable=broad-except
+              print(f"jax pallas paged_attention: failed ({type(e).__name__}: {str(e)[:200]})")
+            gathered = jax.jit(lambda q, k, v, t: jax.nn.dot_product_attention(
+                q, gather_attention.gather_pages(k, t), gather_attention.gather_pages(v, t)))
+            report("xla gather + dense", batch, num_tokens, page_size, selection, "bf16",
+                   measure(gathered, q, k, v, table), nbytes, keys)
+          del cache
+
+      if _TRACES.value:
+        layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
+        lengths = jnp.full((batch,), num_tokens, jnp.int32)
+        config = router.RouterConfig(page_size=page_size, recent_tokens=1024,
+                                     max_pages=num_tokens // page_size // 2)
+        table = router.route(layout, lengths, config, memory_pressure=0.3)
+        cache = decode_inputs.stored_cache(k, v, table, page_size)
+        stored, _ = cache_lib.lookup(cache, table)
+        nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
+        keys = int(jnp.sum(cost.attended_tokens(table))) // batch
+        mix = "/".join(str(int(n)) for n in jnp.sum(cost.pages_by_precision(table, stored), 0))
+        report(f"intent_jax {_IMPLEMENTATION.value} routed trace", batch, num_tokens, page_size,
+               f"{float(jnp.mean(table.num_pages)) / (num_tokens // page_size):.3f}", "routed",
+               measure(decode, q, cache, table), nbytes, keys, pages_bf16_fp8_int8_int4=mix)
+        del cache
+    del q, k, v
+
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+def _jax_paged_attention(q, k_pages, v_pages, block_tables, *, k_splits):
+  """JAX's Pallas GPU paged_attention over the given pages, every token of them (it applies no
+  logit scale, so q is scaled first)."""
+  from jax.experimental.pallas.ops.gpu import paged_attention  # pylint: disable=g-import-not-at-top
+  batch, _, num_heads, head_dim = q.shape
+  pages = block_tables.shape[1]
+  splits = k_splits
+  while pages % splits:
+    splits //= 2
+  lengths = jnp.full((batch,), pages * k_pages.shape[2], jnp.int32)
+  out = paged_attention.paged_attention(
+      (q[:, 0] * head_dim**-0.5).astype(q.dtype), k_pages, v_pages, block_tables, lengths,
+      k_splits=splits)
+  return out[:, None]
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,51 @@
+"""Inputs of the decode benchmarks: selection tables and caches holding the selected pages."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from intent_jax import cache as cache_lib
+from intent_jax import router
+from intent_jax.precision import Precision
+
+MIXED = ((Precision.BF16, 0.1), (Precision.INT8, 0.3), (Precision.INT4, 0.6))
+NAMED = {"bf16": Precision.BF16, "int8": Precision.INT8, "fp8": Precision.FP8,
+         "int4": Precision.INT4}
+
+
+def selection_table(rng, batch, num_tokens, page_size, fraction, precisions) -> router.PageTable:
+  """A table reading `fraction` of each sequence's pages (random, sorted), every token of them."""
+  total = num_tokens // page_size
+  count = max(1, round(fraction * total))
+  page_ids = np.sort(np.stack([rng.choice(total, count, replace=False) for _ in range(batch)]), 1)
+  words = -(-page_size // 32)
+  all_bits = (1 << min(page_size, 32)) - 1
+  none = jnp.zeros((batch, 1), jnp.int32)
+  return router.PageTable(
+      page_ids=jnp.asarray(page_ids, jnp.int32),
+      num_pages=jnp.full((batch,), count, jnp.int32),
+      precisions=jnp.asarray(precisions(rng, (batch, count)), jnp.int32),
+      token_bits=jnp.full((batch, count, words), all_bits, jnp.uint32),
+      seq_lens=jnp.full((batch,), num_tokens, jnp.int32),
+      block_decisions=none, block_reasons=none, block_precisions=none,
+      overflow=jnp.zeros((batch,), bool), truncated=jnp.zeros((batch,), bool),
+      page_size=page_size)
+
+
+def precision_picker(name):
+  if name == "mixed":
+    formats, weights = zip(*MIXED)
+    return lambda rng, shape: rng.choice(np.asarray(formats, int), size=shape, p=weights)
+  return lambda rng, shape: np.full(shape, int(NAMED[name]))
+
+
+def stored_cache(k, v, table, page_size):
+  """A cache holding k, v (BF16 pool) with the table's pages moved to their precisions."""
+  batch, num_tokens, num_kv_heads, head_dim = k.shape
+  selected = table.max_pages * batch
+  config = cache_lib.CacheConfig(
+      num_kv_heads=num_kv_heads, head_dim=head_dim, max_seqs=batch, max_seq_len=num_tokens,
+      page_size=page_size,
+      pool_pages={Precision.BF16: batch * (num_tokens // page_size), Precision.FP8: selected,
+                  Precision.INT8: selected, Precision.INT4: selected})
+  cache = cache_lib.prefill(cache_lib.create(config), k, v, jnp.full((batch,), num_tokens))
+  return cache_lib.apply_precision(cache, table)
