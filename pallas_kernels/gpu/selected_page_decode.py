@@ -183,20 +183,28 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible.
   """
   static_validate_inputs(q, cache, table)
-  cfg = cache.config
-  batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads, page_size, half = cfg.num_kv_heads, cfg.page_size, cfg.head_dim // 2
-  group = num_q_heads // num_kv_heads
-  blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[page_size]
+  blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[table.page_size]
   if num_splits is None:
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
-    num_splits = tuned_block_sizes.gpu_num_splits(batch, num_kv_heads, table.max_pages,
-                                                  blocks.pages_per_block, cores)
-  scale = head_dim**-0.5 if scale is None else scale
+    num_splits = tuned_block_sizes.gpu_num_splits(q.shape[0], cache.config.num_kv_heads,
+                                                  table.max_pages, blocks.pages_per_block, cores)
   if q_positions is None:
-    q_positions = table.query_positions(q_len)
+    q_positions = table.query_positions(q.shape[1])
+  inputs = prepare(q, cache, table, q_positions)
+  partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
+                        interpret=interpret, compute_dtype=q.dtype,
+                        scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
+  return combine(partials, q.shape, cache.config.num_kv_heads, sinks=sinks).astype(q.dtype)
 
-  # Query rows of a kv head: (query head in the group, query token), padded for the matmul.
+
+def prepare(q, cache, table, q_positions):
+  """The kernel's inputs besides the pools: (bounds, slots, pages, bits, row positions, q rows).
+
+  Query rows of a kv head are (query head in the group, query token), padded for the matmul.
+  """
+  batch, q_len, num_q_heads, head_dim = q.shape
+  num_kv_heads = cache.config.num_kv_heads
+  group = num_q_heads // num_kv_heads
   used_rows = group * q_len
   rows = max(MIN_ROWS, _next_power_of_two(used_rows))
   q_rows = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
@@ -204,10 +212,17 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
   row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))  # row g * q_len + t -> token t
   row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used_rows)), constant_values=-1)
+  slots, pages, bits, bounds = _sorted_entries(cache, table, _next_power_of_two(table.max_pages))
+  return bounds, slots, pages, bits, row_pos, q_rows
 
-  capacity = _next_power_of_two(table.max_pages)
-  slots, pages, bits, bounds = _sorted_entries(cache, table, capacity)
-  words = bits.shape[-1]
+
+def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_dtype, scale,
+               softcap):
+  """The pallas_call: per (sequence, kv head, split), f32 (m, l, acc[, acc_low, acc_high])."""
+  bounds, slots, pages, bits, row_pos, q_rows = inputs
+  batch, num_kv_heads, rows, head_dim = q_rows.shape
+  capacity, words = bits.shape[1:]
+  half = head_dim // 2
   present = [pool for pool in cache.pools if pool.num_pages > 0]
   with_int4 = any(pool.precision == Precision.INT4 for pool in present)
 
@@ -217,32 +232,31 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   in_specs = [per_seq(_BOUNDS), per_seq(capacity), per_seq(capacity), per_seq(capacity, words),
               per_seq(rows),
               pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))]
-  inputs = [bounds, slots, pages, bits, row_pos, q_rows]
+  arrays = list(inputs)
   for pool in present:
-    arrays = [pool.k, pool.v]
+    pool_arrays = [pool.k, pool.v]
     if pool.precision != Precision.BF16:
-      arrays += [pool.k_scale, pool.v_scale]
-    inputs += arrays
-    in_specs += [per_pool(x) for x in arrays]
-  num_pool_refs = len(inputs) - 6
+      pool_arrays += [pool.k_scale, pool.v_scale]
+    arrays += pool_arrays
+    in_specs += [per_pool(x) for x in pool_arrays]
+  num_pool_refs = len(arrays) - 6
   out_block = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                          lambda b, h, s: (b, h, s) + (0,) * len(tail))
-  out_shape = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + tail,
-                                                 jnp.float32)
   tails = [(rows,), (rows,), (rows, head_dim)] + [(rows, half)] * (2 if with_int4 else 0)
   out_specs = [out_block(*t) for t in tails]
-  outputs = [out_shape(*t) for t in tails]
+  outputs = [jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + t, jnp.float32)
+             for t in tails]
   aliases = {}
   if poison:
-    aliases = {len(inputs) + i: i for i in range(len(outputs))}
-    inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in outputs]
+    aliases = {len(arrays) + i: i for i in range(len(outputs))}
+    arrays += [jnp.full(o.shape, jnp.nan, o.dtype) for o in outputs]
     in_specs += out_specs
   kernel = functools.partial(
       _kernel, precisions=tuple(pool.precision for pool in present), num_pool_refs=num_pool_refs,
-      pages_per_block=blocks.pages_per_block, page_size=page_size, num_splits=num_splits,
-      scale=float(scale), softcap=None if softcap is None else float(softcap),
-      compute_dtype=q.dtype)
-  m, l, acc, *halves = pl.pallas_call(
+      pages_per_block=blocks.pages_per_block, page_size=cache.config.page_size,
+      num_splits=num_splits, scale=float(scale),
+      softcap=None if softcap is None else float(softcap), compute_dtype=compute_dtype)
+  return pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, num_splits),
       in_specs=in_specs,
@@ -253,11 +267,20 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
                                            num_stages=blocks.num_stages),
       interpret=interpret,
       name="selected_page_decode",
-  )(*inputs)
+  )(*arrays)
+
+
+def combine(partials, q_shape, num_kv_heads: int, *, sinks=None):
+  """Log-sum-exp over the splits' partial results; the sinks join the denominator.
+
+  Returns f32[batch, q_len, num_q_heads, head_dim].
+  """
+  m, l, acc, *halves = partials
   if halves:
     acc = acc + jnp.concatenate(halves, axis=-1)
-
-  # Log-sum-exp over splits; the sinks join the denominator.
+  batch, q_len, num_q_heads, head_dim = q_shape
+  group = num_q_heads // num_kv_heads
+  used_rows, rows = group * q_len, m.shape[-1]
   top = jnp.max(m, axis=2)  # [batch, kv heads, rows]
   if sinks is not None:
     sink_rows = jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, group), q_len, axis=1)
@@ -270,4 +293,4 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     denominator = denominator + jnp.exp(sink_rows[None] - top)
   out = numerator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
   out = out[:, :, :used_rows].reshape(batch, num_kv_heads, group, q_len, head_dim)
-  return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
+  return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, num_q_heads, head_dim)
