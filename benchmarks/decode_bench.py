@@ -125,7 +125,7 @@ def main(argv):
                  storage, measure(decode, q, cache, table), nbytes, keys, **extra)
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
-            paged = jax.jit(functools.partial(_jax_paged_attention, k_splits=16))
+            paged = jax.jit(functools.partial(decode_inputs.jax_paged_attention, k_splits=16))
             try:
               report("jax pallas paged_attention", batch, num_tokens, page_size, selection, "bf16",
                      measure(paged, q, pool.k, pool.v, slots), nbytes, keys)
@@ -157,22 +157,6 @@ def main(argv):
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(rows, f, indent=2)
-
-
-def _jax_paged_attention(q, k_pages, v_pages, block_tables, *, k_splits):
-  """JAX's Pallas GPU paged_attention over the given pages, every token of them (it applies no
-  logit scale, so q is scaled first)."""
-  from jax.experimental.pallas.ops.gpu import paged_attention  # pylint: disable=g-import-not-at-top
-  batch, _, num_heads, head_dim = q.shape
-  pages = block_tables.shape[1]
-  splits = k_splits
-  while pages % splits:
-    splits //= 2
-  lengths = jnp.full((batch,), pages * k_pages.shape[2], jnp.int32)
-  out = paged_attention.paged_attention(
-      (q[:, 0] * head_dim**-0.5).astype(q.dtype), k_pages, v_pages, block_tables, lengths,
-      k_splits=splits)
-  return out[:, None]
 
 
 if __name__ == "__main__":

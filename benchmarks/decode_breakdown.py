@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import decode_bench
 from benchmarks import decode_inputs
 from benchmarks import timing
 from intent_jax import attention
@@ -88,7 +87,7 @@ def main(argv):
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]
           stages["jax pallas paged_attention"] = (
-              lambda n, q, kp, vp, s: decode_bench._jax_paged_attention(  # pylint: disable=protected-access
+              lambda n, q, kp, vp, s: decode_inputs.jax_paged_attention(
                   nudge_q(n, q), kp, vp, s, k_splits=16), (q, pool.k, pool.v, slots))
         for name, (stage, args) in stages.items():
           us = per_rep(stage, *args) - empty_us

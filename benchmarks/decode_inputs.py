@@ -49,3 +49,19 @@ def stored_cache(k, v, table, page_size):
                   Precision.INT8: selected, Precision.INT4: selected})
   cache = cache_lib.prefill(cache_lib.create(config), k, v, jnp.full((batch,), num_tokens))
   return cache_lib.apply_precision(cache, table)
+
+
+def jax_paged_attention(q, k_pages, v_pages, block_tables, *, k_splits):
+  """JAX's Pallas GPU paged_attention over the given pages, every token of them (it applies no
+  logit scale, so q is scaled first)."""
+  from jax.experimental.pallas.ops.gpu import paged_attention  # pylint: disable=g-import-not-at-top
+  batch, _, num_heads, head_dim = q.shape
+  pages = block_tables.shape[1]
+  splits = k_splits
+  while pages % splits:
+    splits //= 2
+  lengths = jnp.full((batch,), pages * k_pages.shape[2], jnp.int32)
+  out = paged_attention.paged_attention(
+      (q[:, 0] * head_dim**-0.5).astype(q.dtype), k_pages, v_pages, block_tables, lengths,
+      k_splits=splits)
+  return out[:, None]
