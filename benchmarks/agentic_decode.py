@@ -11,7 +11,6 @@ stored pages, what quantization changed, and the time per step.
 """
 
 import functools
-import json
 
 from absl import app
 from absl import flags
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax import cache as cache_lib
@@ -54,10 +54,6 @@ _CALLS = flags.DEFINE_integer("calls", 3, "Back-to-back calls per timed round.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the context and the random q, k, v.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results to this JSON file.")
 
-
-def _relative_error(out, expected) -> float:
-  out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(out - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def main(argv):
@@ -131,9 +127,9 @@ def main(argv):
       kv_bytes_read=read_bytes,
       flops_dense=cost.attention_flops(q_len, hq, d, num_tokens),
       flops_routed=cost.attention_flops(q_len, hq, d, attended),
-      rel_error_vs_oracle_same_pages=_relative_error(out, oracle),
-      rel_difference_quantized_vs_bf16_same_tokens=_relative_error(out, unquantized),
-      rel_difference_vs_full_context=_relative_error(out, full),
+      rel_error_vs_oracle_same_pages=report.relative_error(out, oracle),
+      rel_difference_quantized_vs_bf16_same_tokens=report.relative_error(out, unquantized),
+      rel_difference_vs_full_context=report.relative_error(out, full),
       overflow=bool(table.overflow[0]),
       truncated=bool(table.truncated[0]),
       route_us=route_s * 1e6,
@@ -162,9 +158,7 @@ def main(argv):
   print(f"time per step     route {results['route_us']:.0f} us; route + attend"
         f" {results['route_and_attend_us']:.0f} us; dense jax.nn.dot_product_attention"
         f" {results['dense_attention_us']:.0f} us")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+  report.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ first, so unwritten blocks show).
 """
 
 import functools
-import json
 
 from absl import app
 from absl import flags
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import decode_inputs
+from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax import cache as cache_lib
@@ -54,10 +54,6 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
 _CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
 
-def _relative_error(out, expected) -> float:
-  out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
-
 
 def main(argv):
   del argv
@@ -65,7 +61,7 @@ def main(argv):
   measure = functools.partial(timing.median_seconds, rounds=_ROUNDS.value, calls=_CALLS.value)
   rows = []
 
-  def report(name, batch, num_tokens, page_size, selection, storage, seconds, nbytes, keys,
+  def record(name, batch, num_tokens, page_size, selection, storage, seconds, nbytes, keys,
              **extra):
     row = dict(name=name, batch=batch, tokens=num_tokens, page_size=page_size,
                selection=selection, storage=storage, us=seconds * 1e6, bytes=nbytes,
@@ -99,7 +95,7 @@ def main(argv):
         try:
           seconds = measure(jax.jit(functools.partial(jax.nn.dot_product_attention,
                                                       implementation=impl)), q, k, v)
-          report(f"dense dot_product_attention {impl}", batch, num_tokens, 0, "1", "bf16",
+          record(f"dense dot_product_attention {impl}", batch, num_tokens, 0, "1", "bf16",
                  seconds, dense_bytes, num_tokens)
         except Exception as e:  # pylint: disable=broad-except
           print(f"dense dot_product_attention {impl}: not available ({type(e).__name__})")
@@ -120,20 +116,21 @@ def main(argv):
             impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
             out = jax.jit(lambda q, c, t: impl(q, c, t, poison=True) if _IMPLEMENTATION.value ==
                           "pallas_gpu" else impl(q, c, t))(q, cache, table)
-            extra["rel_err"] = _relative_error(out, reference.paged_attention(q, cache, table))
-          report(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
+            expected = reference.paged_attention(q, cache, table)
+            extra["rel_err"] = report.relative_error(out, expected)
+          record(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
                  storage, measure(decode, q, cache, table), nbytes, keys, **extra)
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
             paged = jax.jit(functools.partial(decode_inputs.jax_paged_attention, k_splits=16))
             try:
-              report("jax pallas paged_attention", batch, num_tokens, page_size, selection, "bf16",
+              record("jax pallas paged_attention", batch, num_tokens, page_size, selection, "bf16",
                      measure(paged, q, pool.k, pool.v, slots), nbytes, keys)
             except Exception as e:  # pylint: disable=broad-except
               print(f"jax pallas paged_attention: failed ({type(e).__name__}: {str(e)[:200]})")
             gathered = jax.jit(lambda q, k, v, t: jax.nn.dot_product_attention(
                 q, gather_attention.gather_pages(k, t), gather_attention.gather_pages(v, t)))
-            report("xla gather + dense", batch, num_tokens, page_size, selection, "bf16",
+            record("xla gather + dense", batch, num_tokens, page_size, selection, "bf16",
                    measure(gathered, q, k, v, table), nbytes, keys)
           del cache
 
@@ -148,15 +145,13 @@ def main(argv):
         nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
         keys = int(jnp.sum(cost.attended_tokens(table))) // batch
         mix = "/".join(str(int(n)) for n in jnp.sum(cost.pages_by_precision(table, stored), 0))
-        report(f"intent_jax {_IMPLEMENTATION.value} routed trace", batch, num_tokens, page_size,
+        record(f"intent_jax {_IMPLEMENTATION.value} routed trace", batch, num_tokens, page_size,
                f"{float(jnp.mean(table.num_pages)) / (num_tokens // page_size):.3f}", "routed",
                measure(decode, q, cache, table), nbytes, keys, pages_bf16_fp8_int8_int4=mix)
         del cache
     del q, k, v
 
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(rows, f, indent=2)
+  report.write_json(_JSON_OUT.value, rows)
 
 
 if __name__ == "__main__":

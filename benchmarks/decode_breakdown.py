@@ -7,7 +7,6 @@ Each stage runs `--reps` times inside one jitted loop, each repetition made to d
 """
 
 import functools
-import json
 
 from absl import app
 from absl import flags
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import decode_inputs
+from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax.precision import Precision
@@ -95,9 +95,7 @@ def main(argv):
           print(f"{shape:<9} sel={selection:<7} {storage:<5} {name:<28} {us:8.1f} us", flush=True)
         del cache
     del q, k, v
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(rows, f, indent=2)
+  report.write_json(_JSON_OUT.value, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ outlier channels 30x larger, as real keys have): relative error of K, and of the
   python -m benchmarks.kv_memory --memory_pressure=0.3 --json_out=/tmp/kv_memory.json
 """
 
-import json
 
 from absl import app
 from absl import flags
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from intent_jax import cache as cache_lib
 from intent_jax import cost
 from intent_jax import quant
@@ -112,10 +112,9 @@ def main(argv):
   for r in errors:
     print(f"{r['keys']:<13} {r['precision']:<6} {r['scale']:<19} {r['k_rel_error']:>12.2e}"
           f" {r['logit_rel_error']:>16.2e}")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(dict(memory=memory, errors=errors, memory_pressure=_PRESSURE.value,
-                     page_size=_PAGE_SIZE.value), f, indent=2)
+  report.write_json(_JSON_OUT.value, dict(memory=memory, errors=errors,
+                                          memory_pressure=_PRESSURE.value,
+                                          page_size=_PAGE_SIZE.value))
 
 
 if __name__ == "__main__":

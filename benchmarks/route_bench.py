@@ -3,13 +3,13 @@ r"""Time `route` on synthetic agentic traces: the router's cost per decode step.
   python -m benchmarks.route_bench --lengths=8k,32k,128k,1m --batches=1,8 --json_out=route.json
 """
 
-import json
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
+from benchmarks import report
 from benchmarks import timing
 from intent_jax import router
 from intent_jax import traces
@@ -51,9 +51,7 @@ def main(argv):
                        dispatch_floor_us=floor * 1e6, platform=jax.default_backend()))
       print(f"{num_tokens:>8} {batch:>5} {total_pages:>7} {seconds * 1e6:>9.1f}"
             f" {floor * 1e6:>9.1f}")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(rows, f, indent=2)
+  report.write_json(_JSON_OUT.value, rows)
 
 
 if __name__ == "__main__":

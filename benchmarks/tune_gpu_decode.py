@@ -5,7 +5,6 @@ r"""Sweep the GPU kernel's block sizes on one shape: time per variant, to fill t
 
 import functools
 import itertools
-import json
 
 from absl import app
 from absl import flags
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import decode_inputs
+from benchmarks import report
 from benchmarks import timing
 from intent_jax import cost
 from intent_jax import cache as cache_lib
@@ -46,8 +46,8 @@ def main(argv):
       cache = decode_inputs.stored_cache(k, v, table, _PAGE_SIZE.value)
       stored, _ = cache_lib.lookup(cache, table)
       nbytes = float(jnp.sum(cost.routed_kv_bytes(table, 8, 128, precisions=stored)))
-      prep = jax.jit(lambda c, t: kernel._sorted_entries(c, t, t.max_pages))  # pylint: disable=protected-access
-      prep_us = timing.median_seconds(prep, cache, table) * 1e6
+      prep = jax.jit(lambda q, c, t: kernel.prepare(q, c, t, t.query_positions(1)))
+      prep_us = timing.median_seconds(prep, q, cache, table) * 1e6
       for ppb, warps, stages in itertools.product(*(map(int, f.value) for f in (
           _PAGES_PER_BLOCK, _NUM_WARPS, _NUM_STAGES))):
         blocks = tuned_block_sizes.GpuDecodeBlocks(ppb, warps, stages)
@@ -60,13 +60,11 @@ def main(argv):
         rows.append(dict(shape=shape, storage=storage, pages_per_block=ppb, num_warps=warps,
                          num_stages=stages, us=us, gbps=nbytes / us / 1e3, prep_us=prep_us))
         print(f"{shape:<9} {storage:<5} ppb={ppb:<3} warps={warps} stages={stages}"
-              f" {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s (sort+lookup alone {prep_us:.1f} us)",
+              f" {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s (prepare alone {prep_us:.1f} us)",
               flush=True)
       del cache
     del q, k, v
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(rows, f, indent=2)
+  report.write_json(_JSON_OUT.value, rows)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class CacheConfig:
           f"pool_pages={self.pool_pages!r} must give a page count >= 0 for each of"
           f" {[p.name for p in Precision]}")
     if pages[Precision.BF16] < 1:
-      raise ValueError("pool_pages must give the BF16 pool at least one page: new tokens land there")
+      raise ValueError(
+          "pool_pages must give the BF16 pool at least one page: new tokens land there")
     object.__setattr__(self, "pool_pages", tuple(int(n) for n in pages))
     dtype = jnp.dtype(self.dtype).name if self.dtype is not None else None
     if dtype not in _FULL_DTYPES:

@@ -1,0 +1,1 @@
+"""GPU kernels (Pallas, Triton backend)."""
