@@ -216,3 +216,21 @@ def token_block_ids(layout: BlockLayout, num_tokens: int) -> jax.Array:
     return jnp.where(covered, block, n).astype(jnp.int32)
 
   return jax.vmap(one_sequence)(layout.starts, layout.ends, layout.valid)
+
+
+def grow_block(layout: BlockLayout, index, ends) -> BlockLayout:
+  """Block `index` of every sequence ends at ends[b] (i32[batch]): an open turn that follows the
+  sequence as tokens are appended. Traced values allowed: a jitted decode step does not retrace."""
+  return dataclasses.replace(layout, ends=layout.ends.at[:, index].set(ends.astype(jnp.int32)))
+
+
+def set_block(layout: BlockLayout, row, index, start, end, policy, score) -> BlockLayout:
+  """Block `index` of sequence `row` becomes [start, end) with `policy` and `score`, valid: e.g.
+  a finished turn closed into a block with a new policy, written into a padding slot. Values may be
+  traced; the caller keeps blocks from overlapping (names, being static, are left as they are)."""
+  at = lambda field, value, dtype: getattr(layout, field).at[row, index].set(
+      jnp.asarray(value, dtype))
+  return dataclasses.replace(
+      layout, starts=at("starts", start, jnp.int32), ends=at("ends", end, jnp.int32),
+      policies=at("policies", policy, jnp.int32), scores=at("scores", score, jnp.float32),
+      valid=at("valid", True, jnp.bool_))

@@ -62,10 +62,11 @@ def agentic_blocks(num_tokens: int, *, seed: int = 0, num_documents: int = 8,
 
 
 def agentic_batch(seq_lens, *, seed: int = 0, max_blocks: int | None = None,
-                  **kwargs) -> BlockLayout:
-  """A BlockLayout of one synthetic context per length in `seq_lens` (seeds seed, seed+1...)."""
+                  capacity: int | None = None, **kwargs) -> BlockLayout:
+  """A BlockLayout of one synthetic context per length in `seq_lens` (seeds seed, seed+1...),
+  with room for `capacity` tokens (default the longest length) so that sequences can grow."""
   seq_lens = [int(n) for n in seq_lens]
-  capacity = max(seq_lens)
+  capacity = max(seq_lens) if capacity is None else capacity
   layouts = [
       BlockLayout.from_blocks(agentic_blocks(n, seed=seed + i, **kwargs), capacity,
                               max_blocks=max_blocks) for i, n in enumerate(seq_lens)

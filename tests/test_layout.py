@@ -7,9 +7,12 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock, token_block_ids
+from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock, grow_block, set_block
+from intent_jax.layout import token_block_ids
+from intent_jax.router import RouterConfig, route, token_mask
 from tests import spec
 
 
@@ -115,6 +118,37 @@ class BlockLayoutTest(parameterized.TestCase):
       for j, block in enumerate(sorted(blocks, key=lambda x: x.start)):
         expected[block.start:block.end] = j
       np.testing.assert_array_equal(ids[b], expected)
+
+
+class TrackingTest(absltest.TestCase):
+
+  def test_open_turn_grows_without_retracing(self):
+    layout = BlockLayout.from_blocks([SemanticBlock("system", 0, 8, BlockPolicy.ALWAYS),
+                                      SemanticBlock("turn", 8, 20, BlockPolicy.RECENT)], 64)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def grow(layout, ends):
+      return grow_block(layout, 1, ends)
+
+    for end in (21, 30, 47):
+      grown = grow(layout.unnamed(), jnp.asarray([end]))
+      np.testing.assert_array_equal(grown.ends, [[8, end]])
+
+  def test_closing_a_turn_as_skip_drops_it(self):
+    blocks = [SemanticBlock("system", 0, 8, BlockPolicy.ALWAYS),
+              SemanticBlock("turn", 8, 40, BlockPolicy.RECENT)]
+    layout = BlockLayout.from_blocks(blocks, 64, max_blocks=3)
+    config = RouterConfig(recent_tokens=4, default_policy=BlockPolicy.SKIP)
+    # The turn becomes [8, 24), a scratchpad to skip, and [24, 40) a new open turn.
+    closed = set_block(grow_block(layout, 1, jnp.asarray([24])), 0, 2, 24, 40,
+                       BlockPolicy.RECENT, 1.0)
+    closed = set_block(closed, 0, 1, 8, 24, BlockPolicy.SKIP, 0.0)
+    self.assertTrue(bool(closed.valid[0, 2]))
+    mask = np.asarray(token_mask(route(closed, jnp.asarray([40]), config), 64))[0]
+    expected = np.zeros(64, bool)
+    expected[:8] = expected[24:40] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 class FromBlocksPropertyTest(absltest.TestCase):

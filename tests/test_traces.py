@@ -33,6 +33,7 @@ class TracesTest(parameterized.TestCase):
     self.assertEqual((layout.batch_size, layout.num_tokens), (2, 8192))
     self.assertEqual(int(np.asarray(layout.ends)[1].max()), 5000)
     self.assertEqual(layout.blocks(1), tuple(traces.agentic_blocks(5000, seed=1)))
+    self.assertEqual(traces.agentic_batch([100 * 64], capacity=9000).num_tokens, 9000)
 
   def test_drifting_scores(self):
     layout = traces.agentic_batch([8192], seed=0)
