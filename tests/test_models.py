@@ -1,5 +1,7 @@
 """Tests of intent_jax.models: the decoder, generation over routed caches, checkpoints."""
 
+import contextlib
+import io
 import os
 import tempfile
 
@@ -125,6 +127,31 @@ class GenerationTest(parameterized.TestCase):
                              layout=layout, router_config=RouterConfig(recent_tokens=4))
     for cache in routed.kvs:  # The doc's page went to INT8 in every layer.
       self.assertEqual(int(cache_lib.pages_in_use(cache)[Precision.INT8]), 1)
+
+  def test_prefill_and_decode_step_functions(self):
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(6))
+    graphdef, params = nnx.split(model)
+    prompts, lengths = _prompts()
+    kvs = models.create_dense_kvs(CONFIG, batch=3, max_seq_len=MAX_LEN, dtype="float32")
+    last_logits, kvs = models.prefill(graphdef, params, kvs, prompts, lengths)
+    expected, _ = model(prompts, models.create_dense_kvs(CONFIG, batch=3, max_seq_len=MAX_LEN,
+                                                         dtype="float32"), lengths=lengths)
+    np.testing.assert_allclose(last_logits, expected[jnp.arange(3), lengths - 1], atol=1e-5)
+    tokens = jnp.argmax(last_logits, -1)[:, None]
+    logits, kvs = models.decode_step(graphdef, params, kvs, tokens, jnp.ones(3, jnp.int32))
+    self.assertEqual(logits.shape, (3, 1, CONFIG.vocab_size))
+    np.testing.assert_array_equal(kvs[0].lengths, lengths + 1)
+
+  def test_progress_bar(self):
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))
+    prompts, lengths = _prompts()
+    drawn = io.StringIO()
+    with contextlib.redirect_stderr(drawn):
+      models.generate(model, prompts, lengths,
+                      models.create_dense_kvs(CONFIG, batch=3, max_seq_len=MAX_LEN),
+                      max_new_tokens=9, chunk=4, progress=True)
+    self.assertIn("generate [", drawn.getvalue())
+    self.assertTrue(drawn.getvalue().rstrip().endswith("9/9"))
 
   def test_capacity_is_checked(self):
     model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))

@@ -9,4 +9,6 @@ from intent_jax.models.decoder import create_caches
 from intent_jax.models.decoder import create_dense_kvs
 from intent_jax.models.generation import Generated
 from intent_jax.models.generation import SamplingConfig
+from intent_jax.models.generation import decode_step
 from intent_jax.models.generation import generate
+from intent_jax.models.generation import prefill

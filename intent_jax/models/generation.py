@@ -69,6 +69,22 @@ def prefill(graphdef, params, kvs, prompts, lengths):
   return logits[jnp.arange(prompts.shape[0]), lengths - 1], kvs
 
 
+def _decode(model, tokens, kvs, counts, table, implementation):
+  return model(tokens, kvs, lengths=counts, table=table, decode=True,
+               implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"),
+                   donate_argnames=("kvs",))
+def decode_step(graphdef, params, kvs, tokens, counts, table=None, implementation=None):
+  """One decode step: appends counts[b] of tokens i32[batch, 1..8] and attends.
+
+  `table` is routed for the lengths after the step (KVCaches; None for DenseKVs). Returns
+  (logits f32[batch, tokens, vocab], kvs).
+  """
+  return _decode(nnx.merge(graphdef, params), tokens, kvs, counts, table, implementation)
+
+
 def _route(layout, lengths, kvs, router_config):
   return router.route(layout, lengths, router_config,
                       memory_pressure=cache_lib.memory_pressure(kvs[0]))
@@ -106,8 +122,7 @@ def decode_chunk(graphdef, params, kvs, last, done, limits, layout, key, *, step
       if open_block is not None:
         layout = layout_lib.grow_block(layout, open_block, lengths)
       table = _route(layout, lengths, kvs, router_config)
-    logits, kvs = model(last[:, None], kvs, lengths=counts, table=table, decode=True,
-                        implementation=implementation)
+    logits, kvs = _decode(model, last[:, None], kvs, counts, table, implementation)
     token = jnp.where(running, sample(logits[:, 0], step_key, sampling), sampling.pad_id)
     if sampling.eos_id is not None:
       done = done | (token == sampling.eos_id)
