@@ -16,7 +16,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import report
 from benchmarks import timing

@@ -68,6 +68,7 @@ def main(argv):
                                        poison=False, interpret=False,
                                        compute_dtype=jnp.bfloat16, scale=128**-0.5, softcap=None)
         nudge_q = lambda nudge, q: q + nudge.astype(q.dtype)
+        q_shape = q.shape
         positions = table.query_positions(1)
         inputs = kernel.prepare(q, cache, table, positions)
         partials = run_kernel(inputs, cache)
@@ -81,7 +82,7 @@ def main(argv):
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
             "combine": (lambda n, p: kernel.combine(
-                (p[0] + n,) + tuple(p[1:]), q.shape, 8), (partials,)),
+                (p[0] + n,) + tuple(p[1:]), q_shape, 8), (partials,)),
         }
         if storage == "bf16":
           _, slots = kernel.cache_lib.lookup(cache, table)

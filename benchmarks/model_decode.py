@@ -104,11 +104,12 @@ def main(argv):
     last = jnp.zeros(batch, jnp.int32)
     done = jnp.zeros(batch, bool)
     limits = jnp.full((batch,), capacity - 1, jnp.int32)
-    state = dict(kvs=kvs)
+    held = [kvs]  # The chunk donates the stores; each call continues from the last one's.
+    del kvs
 
     def chunk(last, key):
-      state["kvs"], last, _, _, tokens = generation.decode_chunk(
-          graphdef, params, state["kvs"], last, done, limits, variant_layout, key, steps=steps,
+      held[0], last, _, _, tokens = generation.decode_chunk(
+          graphdef, params, held[0], last, done, limits, variant_layout, key, steps=steps,
           router_config=router_config, sampling=generation.SamplingConfig(), open_block=None,
           implementation=_IMPLEMENTATION.value)
       return tokens
@@ -122,7 +123,7 @@ def main(argv):
     rows.append(row)
     print(f"{name:<42} step {step_ms:7.2f} ms  {row['tokens_per_s']:9.1f} tokens/s"
           f"  KV read {read_bytes / 2**30:6.2f} GiB/step {mix}", flush=True)
-    del kvs, state
+    held.clear()  # Frees this variant's stores before the next one is built.
   report.write_json(_JSON_OUT.value, rows)
 
 
