@@ -19,6 +19,7 @@ from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax.precision import Precision
+from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.gpu import selected_page_decode as kernel
 
@@ -61,10 +62,10 @@ def main(argv):
                                               decode_inputs.precision_picker(storage))
         cache = decode_inputs.stored_cache(k, v, table, 16)
         blocks = tuned_block_sizes.GPU_DECODE_BLOCKS[16]
-        splits = tuned_block_sizes.gpu_num_splits(batch, 8, table.max_pages,
+        num_splits = tuned_block_sizes.gpu_num_splits(batch, 8, table.max_pages,
                                                   blocks.pages_per_block,
                                                   tuned_block_sizes.GPU_DEFAULT_CORES)
-        run_kernel = functools.partial(kernel.run_kernel, num_splits=splits, blocks=blocks,
+        run_kernel = functools.partial(kernel.run_kernel, num_splits=num_splits, blocks=blocks,
                                        poison=False, interpret=False,
                                        compute_dtype=jnp.bfloat16, scale=128**-0.5, softcap=None)
         nudge_q = lambda nudge, q: q + nudge.astype(q.dtype)
@@ -81,7 +82,7 @@ def main(argv):
                 nudge_q(n, q), c, t, positions), (q, cache, table)),
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
-            "combine": (lambda n, p: kernel.combine(
+            "combine": (lambda n, p: splits.combine(
                 (p[0] + n,) + tuple(p[1:]), q_shape, 8), (partials,)),
         }
         if storage == "bf16":

@@ -25,9 +25,10 @@ from intent_jax import cache as cache_lib
 from intent_jax import quant
 from intent_jax.precision import NUM_PRECISIONS, Precision
 from intent_jax.router import BITS_PER_WORD, PageTable
+from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.splits import MASK_VALUE
 
-MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
 MIN_ROWS = 16  # Triton's smallest matmul tile.
 _BOUNDS = 8  # bounds[b] holds NUM_PRECISIONS + 1 = 5 offsets, padded to a power of two.
 
@@ -194,7 +195,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
-  return combine(partials, q.shape, cache.config.num_kv_heads, sinks=sinks).astype(q.dtype)
+  return splits.combine(partials, q.shape, cache.config.num_kv_heads,
+                        sinks=sinks).astype(q.dtype)
 
 
 def prepare(q, cache, table, q_positions):
@@ -268,29 +270,3 @@ def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_
       interpret=interpret,
       name="selected_page_decode",
   )(*arrays)
-
-
-def combine(partials, q_shape, num_kv_heads: int, *, sinks=None):
-  """Log-sum-exp over the splits' partial results; the sinks join the denominator.
-
-  Returns f32[batch, q_len, num_q_heads, head_dim].
-  """
-  m, l, acc, *halves = partials
-  if halves:
-    acc = acc + jnp.concatenate(halves, axis=-1)
-  batch, q_len, num_q_heads, head_dim = q_shape
-  group = num_q_heads // num_kv_heads
-  used_rows, rows = group * q_len, m.shape[-1]
-  top = jnp.max(m, axis=2)  # [batch, kv heads, rows]
-  if sinks is not None:
-    sink_rows = jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, group), q_len, axis=1)
-    sink_rows = jnp.pad(sink_rows, ((0, 0), (0, rows - used_rows)), constant_values=MASK_VALUE)
-    top = jnp.maximum(top, sink_rows[None])
-  weight = jnp.exp(m - top[:, :, None])
-  numerator = jnp.sum(acc * weight[..., None], axis=2)
-  denominator = jnp.sum(l * weight, axis=2)
-  if sinks is not None:
-    denominator = denominator + jnp.exp(sink_rows[None] - top)
-  out = numerator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
-  out = out[:, :, :used_rows].reshape(batch, num_kv_heads, group, q_len, head_dim)
-  return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, num_q_heads, head_dim)
