@@ -122,10 +122,11 @@ def main(argv):
                  storage, measure(decode, q, cache, table), nbytes, keys, **extra)
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
-            paged = jax.jit(functools.partial(decode_inputs.jax_paged_attention, k_splits=16))
+            peer = (decode_inputs.jax_tpu_paged_attention if jax.default_backend() == "tpu"
+                    else functools.partial(decode_inputs.jax_paged_attention, k_splits=16))
             try:
               record("jax pallas paged_attention", batch, num_tokens, page_size, selection, "bf16",
-                     measure(paged, q, pool.k, pool.v, slots), nbytes, keys)
+                     measure(jax.jit(peer), q, pool.k, pool.v, slots), nbytes, keys)
             except Exception as e:  # pylint: disable=broad-except
               print(f"jax pallas paged_attention: failed ({type(e).__name__}: {str(e)[:200]})")
             gathered = jax.jit(lambda q, k, v, t: jax.nn.dot_product_attention(

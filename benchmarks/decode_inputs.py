@@ -39,14 +39,16 @@ def precision_picker(name):
 
 
 def stored_cache(k, v, table, page_size):
-  """A cache holding k, v (BF16 pool) with the table's pages moved to their precisions."""
+  """A cache holding k, v (BF16 pool) with the table's pages moved to their precisions; it has
+  pools for the formats the table asks for only."""
   batch, num_tokens, num_kv_heads, head_dim = k.shape
-  selected = table.max_pages * batch
+  in_table = np.arange(table.max_pages) < np.asarray(table.num_pages)[:, None]
+  formats = set(np.asarray(table.precisions)[in_table].tolist()) - {int(Precision.BF16)}
+  pool_pages = {Precision.BF16: batch * (num_tokens // page_size)}
+  pool_pages.update({Precision(f): table.max_pages * batch for f in formats})
   config = cache_lib.CacheConfig(
       num_kv_heads=num_kv_heads, head_dim=head_dim, max_seqs=batch, max_seq_len=num_tokens,
-      page_size=page_size,
-      pool_pages={Precision.BF16: batch * (num_tokens // page_size), Precision.FP8: selected,
-                  Precision.INT8: selected, Precision.INT4: selected})
+      page_size=page_size, pool_pages=pool_pages)
   cache = cache_lib.prefill(cache_lib.create(config), k, v, jnp.full((batch,), num_tokens))
   return cache_lib.apply_precision(cache, table)
 
@@ -64,4 +66,20 @@ def jax_paged_attention(q, k_pages, v_pages, block_tables, *, k_splits):
   out = paged_attention.paged_attention(
       (q[:, 0] * head_dim**-0.5).astype(q.dtype), k_pages, v_pages, block_tables, lengths,
       k_splits=splits)
+  return out[:, None]
+
+
+def jax_tpu_paged_attention(q, k_pages, v_pages, block_tables, *, pages_per_compute_block=4):
+  """JAX's Pallas TPU paged_attention over the given pages, every token of them (no logit scale
+  of its own, so q is scaled first)."""
+  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel  # pylint: disable=g-import-not-at-top
+  batch, _, num_heads, head_dim = q.shape
+  pages = block_tables.shape[1]
+  block = pages_per_compute_block
+  while pages % block:
+    block //= 2
+  lengths = jnp.full((batch,), pages * k_pages.shape[2], jnp.int32)
+  out = paged_attention_kernel.paged_attention(
+      (q[:, 0] * head_dim**-0.5).astype(q.dtype), k_pages, v_pages, lengths, block_tables,
+      pages_per_compute_block=block)
   return out[:, None]

@@ -52,9 +52,17 @@ def _pallas_gpu(q, kv, table, **kwargs):
   return selected_page_decode.selected_page_decode(q, kv, table, **kwargs)
 
 
+def _pallas_tpu(q, kv, table, **kwargs):
+  if jax.default_backend() != "tpu":
+    raise NotImplementedError("pallas_tpu runs on TPUs")
+  from pallas_kernels.tpu import selected_page_decode  # pylint: disable=g-import-not-at-top
+  return selected_page_decode.selected_page_decode(q, kv, table, **kwargs)
+
+
 register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 register_implementation("pallas_gpu", _pallas_gpu)
+register_implementation("pallas_tpu", _pallas_tpu)
 
 
 def default_implementations(platform: str | None = None) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
-"""Pallas kernels for intent_jax's decode attention.
+"""Pallas kernels for intent_jax's decode attention, registered with `intent_jax.attention`.
 
-gpu/selected_page_decode.py: implementation "pallas_gpu" (Triton backend), registered with
-`intent_jax.attention`. A TPU kernel ("pallas_tpu") is not written yet.
+gpu/selected_page_decode.py: implementation "pallas_gpu" (Triton backend).
+tpu/selected_page_decode.py: implementation "pallas_tpu" (Mosaic backend).
 """

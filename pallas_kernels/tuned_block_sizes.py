@@ -42,3 +42,19 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_bloc
   while splits < min(wanted, most):
     splits *= 2
   return splits
+
+
+# TPU: pages per DMA block by page size: 256 keys a block (two full lane rows of logits), so that
+# two blocks in flight are 2 x 256 x head_dim x 2 arrays' worth of DMAs (256 KiB for a bf16 head
+# of 128). docs/tpu.md derives this from the chips' bandwidth; it is a plan, not a measurement.
+TPU_PAGES_PER_BLOCK = {16: 16, 32: 8, 64: 4, 128: 2, 256: 1}
+TPU_TENSORCORES = 2  # Megacore chips (v4, v5p); single-core chips run the same grid on one core.
+
+
+def tpu_pages_per_block(page_size: int) -> int:
+  return TPU_PAGES_PER_BLOCK[page_size]
+
+
+def tpu_num_splits(batch: int, num_kv_heads: int) -> int:
+  """Split sequences only when there are fewer (sequence, kv head) programs than TensorCores."""
+  return 1 if batch * num_kv_heads >= TPU_TENSORCORES else TPU_TENSORCORES

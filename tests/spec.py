@@ -7,10 +7,14 @@ so that a test comparing the two fails if either drifts.
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from intent_jax.layout import BlockPolicy, SemanticBlock
+from intent_jax import cache as cache_lib
+from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
 from intent_jax.precision import Precision
+from intent_jax.router import RouterConfig, route
 
 FORCED = {BlockPolicy.ALWAYS, BlockPolicy.GLOBAL, BlockPolicy.RECENT}
 SCORE_GRID = (0.0, 0.2, 0.5, 0.5, 0.7, 0.75, 0.9, 1.0)  # Repeats make ties.
@@ -172,3 +176,43 @@ def dense_attention(q, k, v, visible, *, sinks=None, scale=None, softcap=None) -
         denominator = weights.sum() + sum(math.exp(s - top) for s in extra)
         out[b, i, h] = weights @ v[b, keys, h] / denominator
   return out
+
+
+# Inputs of the kernel tests: small caches holding routed, mixed-precision pages.
+KERNEL_TOKENS, KERNEL_BATCH = 300, 3
+
+
+def kernel_blocks(rng: np.random.Generator, num_tokens: int = KERNEL_TOKENS) -> list:
+  """An agentic layout with unaligned, jittered edges: scores 0.9, 0.6 and 0.3 give three
+  precisions under pressure; a SKIP block and a gap (the default policy) sit between."""
+  edges = np.sort(rng.choice(np.arange(8, num_tokens - 8), size=5, replace=False))
+  kinds = [("system", BlockPolicy.ALWAYS, 1.0), ("doc_a", BlockPolicy.ATTEND, 0.9),
+           ("doc_b", BlockPolicy.ATTEND, 0.6), ("scratch", BlockPolicy.SKIP, 0.0),
+           ("doc_c", BlockPolicy.ATTEND, 0.3), ("turn", BlockPolicy.RECENT, 1.0)]
+  bounds = [0] + list(edges[:4]) + [edges[4] + 3, num_tokens]  # A 3-token gap before "turn".
+  return [SemanticBlock(name, int(bounds[i]), int(bounds[i + 1]) - (i == 4) * 3, policy, score)
+          for i, (name, policy, score) in enumerate(kinds)]
+
+
+def kernel_case(seed, *, num_kv_heads, head_dim, page_size, dtype, pressure, eight_bit, recent,
+                default_policy=BlockPolicy.ALWAYS, formats=tuple(Precision)):
+  """A cache holding random K/V for KERNEL_BATCH sequences, with pools for `formats`, and a table
+  routed over kernel_blocks layouts; the routed pages are stored in their precisions."""
+  rng = np.random.default_rng(seed)
+  batch, tokens = KERNEL_BATCH, KERNEL_TOKENS
+  pages = -(-tokens // page_size) * batch
+  config = cache_lib.CacheConfig(
+      num_kv_heads=num_kv_heads, head_dim=head_dim, max_seqs=batch, max_seq_len=tokens,
+      page_size=page_size, pool_pages={p: pages for p in formats}, dtype=dtype)
+  kk, kv = jax.random.split(jax.random.key(seed))
+  k = jax.random.normal(kk, (batch, tokens, num_kv_heads, head_dim))
+  v = jax.random.normal(kv, (batch, tokens, num_kv_heads, head_dim))
+  lengths = jnp.asarray(rng.integers(tokens // 2, tokens + 1, size=batch), jnp.int32)
+  cache = cache_lib.prefill(cache_lib.create(config), k, v, lengths)
+  layout = BlockLayout.stack([BlockLayout.from_blocks(kernel_blocks(rng), tokens, max_blocks=6)
+                              for _ in range(batch)])
+  router_config = RouterConfig(page_size=page_size, recent_tokens=recent, score_threshold=0.2,
+                               eight_bit_format=eight_bit, default_policy=default_policy,
+                               max_pages=-(-tokens // page_size))
+  table = route(layout, lengths, router_config, memory_pressure=pressure)
+  return cache_lib.apply_precision(cache, table), table

@@ -9,49 +9,14 @@ import numpy as np
 from intent_jax import cache as cache_lib
 from intent_jax import reference
 from intent_jax.attention import decode_attention
-from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
+from intent_jax.layout import BlockLayout, BlockPolicy
 from intent_jax.precision import Precision
 from intent_jax.router import RouterConfig, route
 from pallas_kernels.gpu import selected_page_decode as kernel
+from tests import spec
 
 B16, FP8, INT8, INT4 = Precision.BF16, Precision.FP8, Precision.INT8, Precision.INT4
-NUM_TOKENS, BATCH = 300, 3
-
-
-def _setup(seed, *, num_kv_heads, head_dim, page_size, dtype, pressure, eight_bit, recent,
-           default_policy=BlockPolicy.ALWAYS):
-  """A cache holding random K/V for 3 sequences and a table routed over random layouts, with
-  the routed pages stored in their precisions."""
-  rng = np.random.default_rng(seed)
-  pages = -(-NUM_TOKENS // page_size) * BATCH
-  config = cache_lib.CacheConfig(
-      num_kv_heads=num_kv_heads, head_dim=head_dim, max_seqs=BATCH, max_seq_len=NUM_TOKENS,
-      page_size=page_size, pool_pages={B16: pages, FP8: pages, INT8: pages, INT4: pages},
-      dtype=dtype)
-  kk, kv = jax.random.split(jax.random.key(seed))
-  k = jax.random.normal(kk, (BATCH, NUM_TOKENS, num_kv_heads, head_dim))
-  v = jax.random.normal(kv, (BATCH, NUM_TOKENS, num_kv_heads, head_dim))
-  lengths = jnp.asarray(rng.integers(NUM_TOKENS // 2, NUM_TOKENS + 1, size=BATCH), jnp.int32)
-  cache = cache_lib.prefill(cache_lib.create(config), k, v, lengths)
-  layout = BlockLayout.stack([BlockLayout.from_blocks(_blocks(rng), NUM_TOKENS, max_blocks=6)
-                              for _ in range(BATCH)])
-  router_config = RouterConfig(page_size=page_size, recent_tokens=recent, score_threshold=0.2,
-                               eight_bit_format=eight_bit, default_policy=default_policy,
-                               max_pages=-(-NUM_TOKENS // page_size))
-  table = route(layout, lengths, router_config, memory_pressure=pressure)
-  return cache_lib.apply_precision(cache, table), table
-
-
-def _blocks(rng):
-  """An agentic layout with unaligned, jittered edges: scores 0.9, 0.6 and 0.3 give three
-  precisions under pressure; a SKIP block and gaps (the default policy) sit between."""
-  edges = np.sort(rng.choice(np.arange(8, NUM_TOKENS - 8), size=7, replace=False))
-  kinds = [("system", BlockPolicy.ALWAYS, 1.0), ("doc_a", BlockPolicy.ATTEND, 0.9),
-           ("doc_b", BlockPolicy.ATTEND, 0.6), ("scratch", BlockPolicy.SKIP, 0.0),
-           ("doc_c", BlockPolicy.ATTEND, 0.3), ("turn", BlockPolicy.RECENT, 1.0)]
-  bounds = [0] + list(edges[:4]) + [edges[4] + 3, NUM_TOKENS]  # A 3-token gap before "turn".
-  return [SemanticBlock(name, int(bounds[i]), int(bounds[i + 1]) - (i == 4) * 3, policy, score)
-          for i, (name, policy, score) in enumerate(kinds)]
+NUM_TOKENS, BATCH = spec.KERNEL_TOKENS, spec.KERNEL_BATCH
 
 
 # (name, q_len, num_q_heads, num_kv_heads, head_dim, page_size, cache dtype, q dtype, pressure,
@@ -72,7 +37,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
   @parameterized.named_parameters(*CASES)
   def test_matches_paged_oracle(self, q_len, num_q_heads, num_kv_heads, head_dim, page_size,
                                 cache_dtype, q_dtype, pressure, eight_bit, extras, splits):
-    cache, table = _setup(q_len + num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    cache, table = spec.kernel_case(q_len + num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                           page_size=page_size, dtype=cache_dtype, pressure=pressure,
                           eight_bit=eight_bit, recent=24)
     stored = np.asarray(cache_lib.lookup(cache, table)[0])
@@ -95,7 +60,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_nothing_selected_gives_zeros(self, with_sinks):
-    cache, table = _setup(0, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
+    cache, table = spec.kernel_case(0, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
                           pressure=0.0, eight_bit=INT8, recent=0,
                           default_policy=BlockPolicy.SKIP)
     empty = BlockLayout.stack([BlockLayout.from_blocks([], NUM_TOKENS)] * BATCH)
@@ -108,7 +73,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     np.testing.assert_array_equal(out, 0.0)
 
   def test_dispatch_steps_aside_off_gpu_and_for_contiguous_kv(self):
-    cache, table = _setup(1, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
+    cache, table = spec.kernel_case(1, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
                           pressure=0.0, eight_bit=INT8, recent=16)
     q = jax.random.normal(jax.random.key(1), (BATCH, 1, 4, 32))
     if jax.default_backend() != "gpu":
