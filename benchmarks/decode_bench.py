@@ -112,14 +112,20 @@ def main(argv):
           nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
           keys = int(jnp.sum(table.num_pages)) * page_size // batch
           extra = {}
-          if _CHECK.value:
-            impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
-            out = jax.jit(lambda q, c, t: impl(q, c, t, poison=True) if _IMPLEMENTATION.value ==
-                          "pallas_gpu" else impl(q, c, t))(q, cache, table)
-            expected = reference.paged_attention(q, cache, table)
-            extra["rel_err"] = report.relative_error(out, expected)
-          record(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
-                 storage, measure(decode, q, cache, table), nbytes, keys, **extra)
+          try:
+            if _CHECK.value:
+              impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
+              out = jax.jit(lambda q, c, t: impl(q, c, t, poison=True) if _IMPLEMENTATION.value
+                            == "pallas_gpu" else impl(q, c, t))(q, cache, table)
+              expected = reference.paged_attention(q, cache, table)
+              extra["rel_err"] = report.relative_error(out, expected)
+            seconds = measure(decode, q, cache, table)
+          except NotImplementedError as e:  # E.g. a tiling the kernel does not support.
+            print(f"intent_jax {_IMPLEMENTATION.value} {storage} ps={page_size}: not supported"
+                  f" ({e})")
+          else:
+            record(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
+                   storage, seconds, nbytes, keys, **extra)
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
             peer = (decode_inputs.jax_tpu_paged_attention if jax.default_backend() == "tpu"
