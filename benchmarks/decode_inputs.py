@@ -72,7 +72,9 @@ def jax_paged_attention(q, k_pages, v_pages, block_tables, *, k_splits):
 def jax_tpu_paged_attention(q, k_pages, v_pages, block_tables, *, pages_per_compute_block=4):
   """JAX's Pallas TPU paged_attention over the given pages, every token of them (no logit scale
   of its own, so q is scaled first)."""
-  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel  # pylint: disable=g-import-not-at-top
+  # Imported here: a GPU or CPU run never loads the TPU op.
+  from jax.experimental.pallas.ops.tpu.paged_attention import (  # pylint: disable=g-import-not-at-top
+      paged_attention_kernel)
   batch, _, num_heads, head_dim = q.shape
   pages = block_tables.shape[1]
   block = pages_per_compute_block
