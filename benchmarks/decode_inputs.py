@@ -73,8 +73,8 @@ def jax_tpu_paged_attention(q, k_pages, v_pages, block_tables, *, pages_per_comp
   """JAX's Pallas TPU paged_attention over the given pages, every token of them (no logit scale
   of its own, so q is scaled first)."""
   # Imported here: a GPU or CPU run never loads the TPU op.
-  from jax.experimental.pallas.ops.tpu.paged_attention import (  # pylint: disable=g-import-not-at-top
-      paged_attention_kernel)
+  from jax.experimental.pallas.ops.tpu import paged_attention  # pylint: disable=g-import-not-at-top
+  paged_attention_kernel = paged_attention.paged_attention_kernel
   batch, _, num_heads, head_dim = q.shape
   pages = block_tables.shape[1]
   block = pages_per_compute_block

@@ -39,7 +39,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True, eq=False)
 class DenseKV:
-  """Contiguous K/V of a batch: k, v [batch, max_seq_len, num_kv_heads, head_dim], lengths i32[b]."""
+  """Contiguous K/V of a batch.
+
+  k, v: [batch, max_seq_len, num_kv_heads, head_dim]; lengths: i32[batch], tokens stored.
+  """
 
   k: jax.Array
   v: jax.Array

@@ -37,9 +37,9 @@ class SelectedPageDecodeTest(parameterized.TestCase):
   @parameterized.named_parameters(*CASES)
   def test_matches_paged_oracle(self, q_len, num_q_heads, num_kv_heads, head_dim, page_size,
                                 cache_dtype, q_dtype, pressure, eight_bit, extras, splits):
-    cache, table = spec.kernel_case(q_len + num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                          page_size=page_size, dtype=cache_dtype, pressure=pressure,
-                          eight_bit=eight_bit, recent=24)
+    cache, table = spec.kernel_case(q_len + num_q_heads, num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, page_size=page_size, dtype=cache_dtype,
+                                    pressure=pressure, eight_bit=eight_bit, recent=24)
     stored = np.asarray(cache_lib.lookup(cache, table)[0])
     if pressure > 0:  # The case really mixes formats in one launch.
       self.assertGreater(len(set(stored[stored >= 0].tolist())), 1)
@@ -60,9 +60,9 @@ class SelectedPageDecodeTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_nothing_selected_gives_zeros(self, with_sinks):
-    cache, table = spec.kernel_case(0, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
-                          pressure=0.0, eight_bit=INT8, recent=0,
-                          default_policy=BlockPolicy.SKIP)
+    cache, table = spec.kernel_case(0, num_kv_heads=2, head_dim=32, page_size=16,
+                                    dtype="float32", pressure=0.0, eight_bit=INT8, recent=0,
+                                    default_policy=BlockPolicy.SKIP)
     empty = BlockLayout.stack([BlockLayout.from_blocks([], NUM_TOKENS)] * BATCH)
     table = route(empty, cache.lengths, RouterConfig(recent_tokens=0,
                                                      default_policy=BlockPolicy.SKIP))
@@ -73,8 +73,8 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     np.testing.assert_array_equal(out, 0.0)
 
   def test_dispatch_steps_aside_off_gpu_and_for_contiguous_kv(self):
-    cache, table = spec.kernel_case(1, num_kv_heads=2, head_dim=32, page_size=16, dtype="float32",
-                          pressure=0.0, eight_bit=INT8, recent=16)
+    cache, table = spec.kernel_case(1, num_kv_heads=2, head_dim=32, page_size=16,
+                                    dtype="float32", pressure=0.0, eight_bit=INT8, recent=16)
     q = jax.random.normal(jax.random.key(1), (BATCH, 1, 4, 32))
     if jax.default_backend() != "gpu":
       with self.assertRaisesRegex(NotImplementedError, "pallas_gpu runs on GPUs"):

@@ -113,7 +113,8 @@ class Decoder(nnx.Module):
     Returns (logits f32[batch, tokens, vocab], the per-layer KV stores).
     """
     if len(kvs) != self.config.num_layers:
-      raise ValueError(f"kvs has {len(kvs)} stores but the model has {self.config.num_layers} layers")
+      raise ValueError(
+          f"kvs has {len(kvs)} stores but the model has {self.config.num_layers} layers")
     x = self.embed(tokens)
     stores = []
     for block, kv in zip(self.blocks, kvs):

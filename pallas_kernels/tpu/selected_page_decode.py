@@ -9,10 +9,10 @@ entries by the precision their page is stored in and pads each precision's run t
 block, the position of each key it holds (a sentinel where the token is not selected or the entry
 is padding), which gives token masks and causality in one comparison. The table's slots are
 scalar-prefetched into SMEM. A program walks its share of the blocks, one loop per format: it
-starts the copies of the next block's pages (HBM -> VMEM, one DMA per page and array) before
-computing the current one from the other buffer, dequantizes in VMEM, and attends every query row
-of the kv head at once (GQA packing: a page moves once per kv head) with an online softmax. Splits
-are merged by `splits.combine`, where the sink logits join.
+starts the copies of the next block's pages (HBM -> VMEM, one DMA per page and array; padding
+entries move nothing) before computing the current one from the other buffer, dequantizes in
+VMEM, and attends every query row of the kv head at once (GQA packing: a page moves once per kv
+head) with an online softmax. Splits are merged by `splits.combine`, where the sink logits join.
 
 Tiling (lane 128; sublanes 8 for 32-bit, 16 for 16-bit, 32 for 8-bit values): head_dim must be a
 multiple of 128; the page size a multiple of the sublane tile of every pool present (16 with a
@@ -52,7 +52,8 @@ def static_validate_inputs(q, cache, table) -> None:
     raise NotImplementedError("pallas_tpu reads a paged KVCache, not contiguous K/V")
   cfg = cache.config
   if cfg.head_dim % LANES:
-    raise NotImplementedError(f"pallas_tpu needs head_dim a multiple of {LANES}, got {cfg.head_dim}")
+    raise NotImplementedError(
+        f"pallas_tpu needs head_dim a multiple of {LANES}, got {cfg.head_dim}")
   for pool in cache.pools:
     if pool.num_pages == 0:
       continue
@@ -74,6 +75,7 @@ def prepare(q, cache, table: PageTable, q_positions, pages_per_block: int):
 
   Returns:
     bounds i32[batch, 8]: blocks bounds[p] .. bounds[p+1] hold Precision p's pages;
+    run_ends i32[batch, 8]: entries of Precision p's run at or past run_ends[p] are padding;
     slots i32[batch, blocks * pages_per_block]: pool slot of each entry (0 for padding);
     positions i32[batch, blocks, pages_per_block * page_size]: each key's position, NEVER where
       the token is not selected or the entry is padding;
@@ -112,10 +114,11 @@ def prepare(q, cache, table: PageTable, q_positions, pages_per_block: int):
   positions = sorted_positions.reshape(batch, blocks, pages_per_block * cfg.page_size)
   block_bounds = jnp.concatenate([starts, jnp.sum(padded, axis=1, keepdims=True)], axis=1)
   bounds = jnp.pad(block_bounds // pages_per_block, ((0, 0), (0, _BOUNDS - NUM_PRECISIONS - 1)))
-  return bounds, sorted_slots, positions, q_rows, row_positions
+  run_ends = jnp.pad(starts + counts, ((0, 0), (0, _BOUNDS - NUM_PRECISIONS)))
+  return bounds, run_ends, sorted_slots, positions, q_rows, row_positions
 
 
-def _kernel(bounds_ref, slots_ref, q_ref, q_pos_ref, positions_ref, *refs, precisions,
+def _kernel(bounds_ref, run_ends_ref, slots_ref, q_ref, q_pos_ref, positions_ref, *refs, precisions,
             num_pool_refs, pages_per_block, num_splits, scale, softcap):
   pool_refs, (m_ref, l_ref, acc_ref), scratch = (refs[:num_pool_refs],
                                                  refs[num_pool_refs:num_pool_refs + 3],
@@ -135,15 +138,24 @@ def _kernel(bounds_ref, slots_ref, q_ref, q_pos_ref, positions_ref, *refs, preci
   nn_dot = lambda x, y: jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
-  def copies(pool, buffers, block, slot):
-    """The DMAs bringing block `block`'s pages into buffer `slot`."""
+  def copies(pool, buffers, block, slot, run_end):
+    """(is the entry real, its DMAs) bringing block `block`'s pages into buffer `slot`; padding
+    entries move nothing."""
     out = []
     for i in range(pages_per_block):
-      page = slots_ref[b, block * pages_per_block + i]
-      for name in pool:
-        out.append(pltpu.make_async_copy(pool[name].at[h, page], buffers[name].at[slot, i],
-                                         buffers["sem"].at[slot]))
+      entry = block * pages_per_block + i
+      page = slots_ref[b, entry]
+      out.append((entry < run_end, [
+          pltpu.make_async_copy(pool[name].at[h, page], buffers[name].at[slot, i],
+                                buffers["sem"].at[slot]) for name in pool]))
     return out
+
+  def run(dmas, action):
+    for real, group in dmas:
+      @pl.when(real)
+      def _(group=group):
+        for dma in group:
+          getattr(dma, action)()
 
   def attend(precision, buffers, slot, block, carry):
     m_prev, l_prev, acc = carry
@@ -195,22 +207,25 @@ def _kernel(bounds_ref, slots_ref, q_ref, q_pos_ref, positions_ref, *refs, preci
     scratch_position += len(names) + 1
     first = jnp.maximum(start, bounds_ref[b, int(precision)])
     last = jnp.minimum(stop, bounds_ref[b, int(precision) + 1])
+    run_end = run_ends_ref[b, int(precision)]
+    # Padding entries leave their buffer rows as they were: start them at zero, so that a masked
+    # key (weight 0) never meets a NaN.
+    for name in pool:
+      buffers[name][...] = jnp.zeros(buffers[name].shape, buffers[name].dtype)
 
     @pl.when(first < last)
     def _():
-      for c in copies(pool, buffers, first, 0):
-        c.start()
+      run(copies(pool, buffers, first, 0, run_end), "start")
 
-    def body(i, carry, pool=pool, buffers=buffers, first=first, last=last, precision=precision):
+    def body(i, carry, pool=pool, buffers=buffers, first=first, last=last, precision=precision,
+             run_end=run_end):
       block, slot = first + i, i % 2
 
       @pl.when(block + 1 < last)
       def _():
-        for c in copies(pool, buffers, block + 1, 1 - slot):
-          c.start()
+        run(copies(pool, buffers, block + 1, 1 - slot, run_end), "start")
 
-      for c in copies(pool, buffers, block, slot):
-        c.wait()
+      run(copies(pool, buffers, block, slot, run_end), "wait")
       return attend(precision, buffers, slot, block, carry)
 
     carry = jax.lax.fori_loop(0, jnp.maximum(last - first, 0), body, carry)
@@ -246,8 +261,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   num_splits = num_splits or tuned_block_sizes.tpu_num_splits(batch, cfg.num_kv_heads)
   if q_positions is None:
     q_positions = table.query_positions(q_len)
-  bounds, slots, positions, q_rows, row_positions = prepare(q, cache, table, q_positions,
-                                                             pages_per_block)
+  bounds, run_ends, slots, positions, q_rows, row_positions = prepare(
+      q, cache, table, q_positions, pages_per_block)
   rows, head_dim = q_rows.shape[2:]
   blocks, keys = positions.shape[1:]
   present = [pool for pool in cache.pools if pool.num_pages > 0]
@@ -277,7 +292,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   m, l, acc = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
+          num_scalar_prefetch=3,
           grid=grid,
           in_specs=[
               pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s, *_: (b, h, 0, 0)),
@@ -292,6 +307,6 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=pltpu.InterpretParams() if interpret else False,
       name="selected_page_decode_tpu",
-  )(bounds, slots, q_rows, row_positions, positions, *pool_arrays)
+  )(bounds, run_ends, slots, q_rows, row_positions, positions, *pool_arrays)
   return splits.combine((m[..., 0], l[..., 0], acc), q.shape, cfg.num_kv_heads,
                         sinks=sinks).astype(q.dtype)
