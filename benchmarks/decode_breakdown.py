@@ -71,7 +71,7 @@ def main(argv):
         nudge_q = lambda nudge, q: q + nudge.astype(q.dtype)
         q_shape = q.shape
         positions = table.query_positions(1)
-        inputs = kernel.prepare(q, cache, table, positions)
+        inputs = kernel.prepare(q, cache, table, positions, blocks.pages_per_block)
         partials = run_kernel(inputs, cache)
         stages = {
             "decode_attention (all)": (lambda n, q, c, t: attention.decode_attention(
@@ -79,7 +79,7 @@ def main(argv):
             "selected_page_decode": (lambda n, q, c, t: kernel.selected_page_decode(
                 nudge_q(n, q), c, t), (q, cache, table)),
             "prepare (lookup, sort)": (lambda n, q, c, t: kernel.prepare(
-                nudge_q(n, q), c, t, positions), (q, cache, table)),
+                nudge_q(n, q), c, t, positions, blocks.pages_per_block), (q, cache, table)),
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
             "combine": (lambda n, p: splits.combine(

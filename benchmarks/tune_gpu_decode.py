@@ -46,7 +46,7 @@ def main(argv):
       cache = decode_inputs.stored_cache(k, v, table, _PAGE_SIZE.value)
       stored, _ = cache_lib.lookup(cache, table)
       nbytes = float(jnp.sum(cost.routed_kv_bytes(table, 8, 128, precisions=stored)))
-      prep = jax.jit(lambda q, c, t: kernel.prepare(q, c, t, t.query_positions(1)))
+      prep = jax.jit(lambda q, c, t: kernel.prepare(q, c, t, t.query_positions(1), 8))
       prep_us = timing.median_seconds(prep, q, cache, table) * 1e6
       for ppb, warps, stages in itertools.product(*(map(int, f.value) for f in (
           _PAGES_PER_BLOCK, _NUM_WARPS, _NUM_STAGES))):

@@ -81,12 +81,14 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
   def block(first, last, pool, it, carry):
     m_prev, l_prev, acc, halves = carry
     precision = pool["precision"]
-    entry = first + it * pages_per_block + jnp.arange(pages_per_block)
-    live = entry < last
-    entry = jnp.where(live, entry, 0)
-    slot = jnp.where(live, slots_ref[entry], 0)
-    visible_tokens = (_token_mask(bits_ref[entry], page_size) & live[:, None]).reshape(keys)
-    positions = (pages_ref[entry][:, None] * page_size +
+    # The block's table entries are contiguous: plain vector loads (the entry arrays carry one
+    # block of padding, so the last block's loads stay in bounds).
+    block_start = first + it * pages_per_block
+    entries = pl.ds(block_start, pages_per_block)
+    live = block_start + jnp.arange(pages_per_block) < last
+    slot = jnp.where(live, slots_ref[entries], 0)
+    visible_tokens = (_token_mask(bits_ref[entries, :], page_size) & live[:, None]).reshape(keys)
+    positions = (pages_ref[entries][:, None] * page_size +
                  jnp.arange(page_size, dtype=jnp.int32)[None, :]).reshape(keys)
     visible = visible_tokens[None, :] & (positions[None, :] <= q_pos[:, None])
 
@@ -191,7 +193,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
                                                   table.max_pages, blocks.pages_per_block, cores)
   if q_positions is None:
     q_positions = table.query_positions(q.shape[1])
-  inputs = prepare(q, cache, table, q_positions)
+  inputs = prepare(q, cache, table, q_positions, blocks.pages_per_block)
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
@@ -199,7 +201,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
                         sinks=sinks).astype(q.dtype)
 
 
-def prepare(q, cache, table, q_positions):
+def prepare(q, cache, table, q_positions, pages_per_block):
   """The kernel's inputs besides the pools: (bounds, slots, pages, bits, row positions, q rows).
 
   Query rows of a kv head are (query head in the group, query token), padded for the matmul.
@@ -214,7 +216,8 @@ def prepare(q, cache, table, q_positions):
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
   row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))  # row g * q_len + t -> token t
   row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used_rows)), constant_values=-1)
-  slots, pages, bits, bounds = _sorted_entries(cache, table, _next_power_of_two(table.max_pages))
+  capacity = _next_power_of_two(table.max_pages + pages_per_block)  # One block of padding.
+  slots, pages, bits, bounds = _sorted_entries(cache, table, capacity)
   return bounds, slots, pages, bits, row_pos, q_rows
 
 
