@@ -111,10 +111,13 @@ class IntentAttention(nnx.Module):
 
     Args:
       x: [batch, tokens, in_features].
-      kv: cache.KVCache or DenseKV holding the batch's earlier tokens.
+      kv: cache.KVCache or DenseKV holding the batch's earlier tokens; None at prefill stores
+        nothing (training).
       lengths: i32[batch], how many of the tokens are real: the prompt lengths at prefill (the
         sequences must be empty), the tokens to append at decode (default all).
-      table: decode over a KVCache: the PageTable routed for the lengths after this step.
+      table: decode over a KVCache: the PageTable routed for the lengths after this step, or a
+        function (q, kv) -> PageTable that routes inside the step from this layer's queries
+        [batch, tokens, num_heads, head_dim] and the cache holding the new tokens.
       decode: prefill or decode.
       implementation: decode_attention's implementation (KVCache only).
 
@@ -126,8 +129,10 @@ class IntentAttention(nnx.Module):
     if not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
       q, k, v = self._project(x, positions)
-      kv = (cache_lib.prefill(kv, k, v, lengths) if isinstance(kv, cache_lib.KVCache) else
-            kv.write(k, v, lengths))
+      if isinstance(kv, cache_lib.KVCache):
+        kv = cache_lib.prefill(kv, k, v, lengths)
+      elif kv is not None:
+        kv = kv.write(k, v, lengths)
       return self._output(_dense_attention(q, k, v, positions, lengths)), kv
     positions = kv.lengths[:, None] + jnp.arange(tokens, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
@@ -135,6 +140,8 @@ class IntentAttention(nnx.Module):
       if table is None:
         raise ValueError("decode over a KVCache needs the routed table")
       kv = cache_lib.append(kv, k, v, lengths)
+      if callable(table):
+        table = table(q, kv)
       out = attention_lib.decode_attention(q, kv, table, q_positions=positions,
                                            implementation=implementation)
     else:

@@ -41,11 +41,17 @@ def cosine_scores(q: jax.Array, k: jax.Array, layout: BlockLayout,
     layout: BlockLayout with `batch` rows.
     seq_lens: i32[batch].
   """
+  return block_cosine_scores(q, block_mean_keys(k, layout, seq_lens), layout, seq_lens)
+
+
+def block_cosine_scores(q: jax.Array, means: jax.Array, layout: BlockLayout,
+                        seq_lens: jax.Array) -> jax.Array:
+  """`cosine_scores` from precomputed block mean keys f32[batch, max_blocks, kv_heads, head_dim]
+  (`block_mean_keys`), so that a decode loop summarizes the blocks once."""
   batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  num_kv_heads = means.shape[2]
   group_query = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, -1, head_dim)
   group_query = group_query.mean(axis=(1, 3))  # [batch, num_kv_heads, head_dim]
-  means = block_mean_keys(k, layout, seq_lens)
   dots = jnp.einsum("bhd,bnhd->bnh", group_query, means, precision=jax.lax.Precision.HIGHEST)
   norms = jnp.linalg.norm(group_query, axis=-1)[:, None, :] * jnp.linalg.norm(means, axis=-1)
   cosine = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), -1.0)

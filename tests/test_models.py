@@ -142,6 +142,45 @@ class GenerationTest(parameterized.TestCase):
     self.assertEqual(logits.shape, (3, 1, CONFIG.vocab_size))
     np.testing.assert_array_equal(kvs[0].lengths, lengths + 1)
 
+  def test_forward_without_stores_equals_prefill(self):
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(9))
+    prompts, _ = _prompts()
+    stored, _ = model(prompts, models.create_dense_kvs(CONFIG, batch=3, max_seq_len=MAX_LEN,
+                                                       dtype="float32"))
+    np.testing.assert_allclose(model(prompts, None)[0], stored, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "decode needs the KV stores"):
+      model(prompts[:, :1], None, decode=True)
+
+  def test_a_table_function_routes_each_layer_inside_the_step(self):
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(10))
+    prompts, lengths = _prompts()
+
+    def filled():  # A decode step donates the caches: each call gets its own.
+      caches = models.create_caches(CONFIG, max_seqs=3, max_seq_len=MAX_LEN, dtype="float32")
+      return model(prompts, caches, lengths=lengths)[1]
+
+    blocks = BlockLayout.stack([BlockLayout.from_blocks(
+        [SemanticBlock("old", 0, 8, BlockPolicy.SKIP)], MAX_LEN)] * 3)
+    config = RouterConfig(recent_tokens=4)
+    table = route(blocks, lengths + 1, config)
+    token = prompts[:, :1]
+    fixed, _ = model(token, filled(), table=table, decode=True)
+    seen = []
+
+    def per_layer(layer, q, kv):
+      seen.append((layer, q.shape, int(kv.lengths[0])))
+      return table
+
+    routed, _ = model(token, filled(), table=per_layer, decode=True)
+    np.testing.assert_array_equal(routed, fixed)
+    shape = (3, 1, CONFIG.num_heads, CONFIG.head_dim)
+    self.assertEqual(seen, [(0, shape, 25), (1, shape, 25)])  # After the append.
+    everything = route(BlockLayout.stack([BlockLayout.from_blocks([], MAX_LEN)] * 3),
+                       lengths + 1, config)
+    layer_one_reads_all = lambda layer, q, kv: everything if layer == 1 else table
+    mixed, _ = model(token, filled(), table=layer_one_reads_all, decode=True)
+    self.assertFalse(np.allclose(mixed, fixed))  # Layer 1 really got its own table.
+
   def test_progress_bar(self):
     model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))
     prompts, lengths = _prompts()

@@ -6,6 +6,7 @@ and come out of each call.
 """
 
 import dataclasses
+import functools
 
 from flax import nnx
 import jax
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
 from intent_jax.nnx import DenseKV, IntentAttention
-from intent_jax.router import PageTable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,19 +106,28 @@ class Decoder(nnx.Module):
         c.model_dim, c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
         rngs=rngs)
 
-  def __call__(self, tokens, kvs: tuple, *, lengths=None, table: PageTable | None = None,
+  def __call__(self, tokens, kvs: tuple | None, *, lengths=None, table=None,
                decode: bool = False, implementation=None):
     """Prefill (decode=False) or one decode step; see IntentAttention for the arguments.
 
+    kvs: one KV store per layer, or None for a forward pass that stores nothing (training).
+    table: a PageTable for every layer, or a function (layer, q, kv) -> PageTable that routes
+    each layer inside the step.
+
     Returns (logits f32[batch, tokens, vocab], the per-layer KV stores).
     """
+    if kvs is None:
+      if decode:
+        raise ValueError("decode needs the KV stores (kvs=None is for prefill)")
+      kvs = (None,) * self.config.num_layers
     if len(kvs) != self.config.num_layers:
       raise ValueError(
           f"kvs has {len(kvs)} stores but the model has {self.config.num_layers} layers")
     x = self.embed(tokens)
     stores = []
-    for block, kv in zip(self.blocks, kvs):
-      x, kv = block(x, kv, lengths=lengths, table=table, decode=decode,
+    for layer, (block, kv) in enumerate(zip(self.blocks, kvs)):
+      layer_table = functools.partial(table, layer) if callable(table) else table
+      x, kv = block(x, kv, lengths=lengths, table=layer_table, decode=decode,
                     implementation=implementation)
       stores.append(kv)
     x = self.norm(x)

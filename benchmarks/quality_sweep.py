@@ -1,0 +1,109 @@
+r"""What routing and KV precision cost the trained recall model: one row per setting.
+
+Loads the committed recall checkpoint, draws --examples held-out contexts (one question each) and
+evaluates every setting of `settings()` with `quality.evaluate`: answer accuracy and NLL, the
+fraction of KV bytes a step reads (vs every page in BF16), the attention output's error vs dense,
+and how often every layer reads the answer's fact. Prints a table, writes JSON and a PNG of
+accuracy vs bytes read with the Pareto front.
+
+  python -m benchmarks.quality_sweep --examples=512 --json_out=docs/quality_sweep.json \
+      --plot_out=docs/quality_sweep.png
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+from benchmarks import report
+from intent_jax import quality
+from intent_jax import router
+from intent_jax import tasks
+from intent_jax.precision import Precision
+
+_EXAMPLES = flags.DEFINE_integer("examples", 512, "Held-out contexts.")
+_SEED = flags.DEFINE_integer("seed", 1, "Seed of the held-out contexts (the training run "
+                             "evaluated seed 0's).")
+_BATCH = flags.DEFINE_integer("batch", 64, "Contexts per evaluation call.")
+_NOISE_P = flags.DEFINE_float("noise_p", 0.8, "Probability that noisy scores rank the answer "
+                              "document first.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", quality.RECALL_CHECKPOINT, "Recall checkpoint.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
+_PLOT_OUT = flags.DEFINE_string("plot_out", None, "Write the accuracy-vs-bytes PNG here.")
+
+
+def settings(task: tasks.RecallTask, noise_p: float) -> list[quality.Setting]:
+  """The sweep's rows: baseline, negative control, routing, storage precision."""
+  S = quality.Setting
+  presets = quality.router_presets(task)
+  rows = [S("dense BF16"), S("answer block SKIPped", skip_answer=True)]
+  for name, config in presets.items():
+    rows += [S(f"{name}, runtime intent", config),
+             S(f"{name}, noisy intent p={noise_p}", config, scores="noisy", noise_p=noise_p),
+             S(f"{name}, cosine scores", config, scores="cosine")]
+  rows.append(S("balanced, runtime intent, BF16 pages", presets["balanced"],
+                storage=Precision.BF16))
+  for precision in (Precision.FP8, Precision.INT8, Precision.INT4):
+    rows.append(S(f"all {precision.name}", storage=precision))
+  every_page = router.RouterConfig(score_threshold=0.0, recent_tokens=64)
+  rows += [S("mixed precision (policy), every page", every_page, skip_as_attend=True),
+           S("all INT4, K per token (emulated)", storage=Precision.INT4, key_scales="token",
+             emulated=True),
+           S("all INT4, K per channel (emulated)", storage=Precision.INT4, emulated=True)]
+  return rows
+
+
+def pareto_front(rows) -> list[dict]:
+  """Rows no other row beats on accuracy while reading no more bytes."""
+  return [
+      r for r in rows if not any(
+          o["accuracy"] > r["accuracy"] and o["kv_read_fraction"] <= r["kv_read_fraction"]
+          for o in rows)
+  ]
+
+
+def plot(rows, path: str) -> None:
+  import matplotlib  # A dev dependency; only the plot needs it.
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  front = sorted(pareto_front(rows), key=lambda r: r["kv_read_fraction"])
+  fig, ax = plt.subplots(figsize=(9, 6))
+  ax.scatter([r["kv_read_fraction"] for r in rows], [r["accuracy"] for r in rows], s=18)
+  for r in rows:
+    ax.annotate(r["name"], (r["kv_read_fraction"], r["accuracy"]), fontsize=6,
+                xytext=(3, 2), textcoords="offset points")
+  ax.plot([r["kv_read_fraction"] for r in front], [r["accuracy"] for r in front], "r--",
+          label="Pareto front")
+  ax.set_xlabel("KV bytes read per step (fraction of every page in BF16)")
+  ax.set_ylabel("answer accuracy")
+  ax.set_title("Agentic recall: accuracy vs KV bytes read")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+
+
+def main(argv):
+  del argv
+  model, task, meta = quality.load_recall_model(_CHECKPOINT.value)
+  examples = tasks.recall_examples(task, _EXAMPLES.value, seed=_SEED.value, split="eval")
+  start = time.time()
+  rows = quality.evaluate(model, examples, settings(task, _NOISE_P.value), batch=_BATCH.value)
+  seconds = time.time() - start
+  print(f"{'setting':<44} {'acc':>6} {'nll':>7} {'KV read':>8} {'attn err':>9} {'answer read':>12}")
+  for r in rows:
+    print(f"{r['name']:<44} {r['accuracy']:>6.3f} {r['nll']:>7.3f} {r['kv_read_fraction']:>8.3f}"
+          f" {r['attention_error']:>9.4f} {r['answer_read']:>12.3f}")
+  print(f"{len(examples)} held-out contexts (seed {_SEED.value}), {seconds:.0f} s on"
+        f" {jax.devices()[0].device_kind}")
+  report.write_json(_JSON_OUT.value, dict(
+      command="python -m benchmarks.quality_sweep", examples=len(examples), seed=_SEED.value,
+      device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+      date=time.strftime("%Y-%m-%d"), checkpoint_steps=meta["steps"], rows=rows,
+      pareto_front=[r["name"] for r in pareto_front(rows)]))
+  if _PLOT_OUT.value:
+    plot(rows, _PLOT_OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

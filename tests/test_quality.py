@@ -1,0 +1,97 @@
+"""Tests of intent_jax.quality on the committed recall checkpoint."""
+
+from absl.testing import absltest
+import numpy as np
+
+from intent_jax import quality
+from intent_jax import tasks
+from intent_jax.precision import Precision, page_bytes
+from intent_jax.router import RouterConfig
+
+S = quality.Setting
+
+
+class CheckpointTest(absltest.TestCase):
+
+  def test_the_committed_model_answers_held_out_questions(self):
+    model, task, meta = quality.load_recall_model()
+    self.assertEqual(task.num_queries, 1)
+    self.assertGreaterEqual(meta["held_out_accuracy"], 0.95)
+    for field in ("command", "seed", "steps", "device", "date", "seconds"):
+      self.assertIn(field, meta)
+    examples = tasks.recall_examples(task, 256, seed=2, split="eval")  # Not seen in training.
+    self.assertGreaterEqual(quality.dense_accuracy(model, examples), 0.95)
+
+  def test_a_missing_checkpoint_says_how_to_make_one(self):
+    with self.assertRaisesRegex(FileNotFoundError, "train one with"):
+      quality.load_recall_model("/nonexistent/recall.npz")
+
+
+class EvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    model, task, _ = quality.load_recall_model()
+    examples = tasks.recall_examples(task, 16, seed=3, split="eval")
+    cls.task = task
+    cls.balanced = quality.router_presets(task)["balanced"]
+    settings = [S("dense"), S("skip", skip_answer=True), S("int8", storage=Precision.INT8),
+                S("int4", storage=Precision.INT4),
+                S("int4 emulated", storage=Precision.INT4, emulated=True),
+                S("cosine", cls.balanced, scores="cosine")]
+    cls.rows = {r["name"]: r for r in quality.evaluate(model, examples, settings, batch=8)}
+
+  def test_dense_is_exact_and_reads_everything(self):
+    dense = self.rows["dense"]
+    self.assertGreaterEqual(dense["accuracy"], 0.9)
+    self.assertEqual(dense["kv_read_fraction"], 1.0)
+    self.assertLess(dense["attention_error"], 1e-5)
+    self.assertEqual(dense["answer_read"], 1.0)
+
+  def test_skipping_the_answer_block_loses_the_answer(self):
+    skip = self.rows["skip"]
+    self.assertEqual(skip["answer_read"], 0.0)
+    self.assertLessEqual(skip["accuracy"], 0.25)
+    self.assertGreater(skip["attention_error"], 0.05)
+
+  def test_storage_bytes_count_every_full_page_in_its_format(self):
+    ps, dim = 16, 32
+    length = self.task.seq_len - 1  # Up to the question's key.
+    full_pages, pages = (length - 1) // ps, -(-length // ps)  # The last page stays BF16.
+    bf16 = page_bytes(Precision.BF16, ps, dim)
+    for name, precision in (("int8", Precision.INT8), ("int4", Precision.INT4),
+                            ("int4 emulated", Precision.INT4)):
+      expected = (full_pages * page_bytes(precision, ps, dim) + bf16) / (pages * bf16)
+      self.assertAlmostEqual(self.rows[name]["kv_read_fraction"], expected, places=6)
+    self.assertLess(self.rows["int8"]["attention_error"], self.rows["int4"]["attention_error"])
+
+  def test_emulated_storage_matches_the_real_int4_cache(self):
+    real, emulated = self.rows["int4"], self.rows["int4 emulated"]
+    self.assertEqual(real["accuracy"], emulated["accuracy"])
+    self.assertAlmostEqual(real["attention_error"], emulated["attention_error"],
+                           delta=0.1 * real["attention_error"])
+
+  def test_in_step_cosine_routing_keeps_the_page_budget(self):
+    budget = self.balanced.max_pages / -(-(self.task.seq_len - 1) // 16)
+    self.assertLessEqual(self.rows["cosine"]["kv_read_fraction"], budget)
+
+  def test_bad_settings(self):
+    with self.assertRaisesRegex(ValueError, "scores='oracle'"):
+      S("x", scores="oracle")
+    with self.assertRaisesRegex(ValueError, "needs emulated=True"):
+      S("x", storage=Precision.INT4, key_scales="token")
+    with self.assertRaisesRegex(ValueError, "needs a quantized storage"):
+      S("x", emulated=True)
+    with self.assertRaisesRegex(TypeError, "router must be a RouterConfig"):
+      S("x", router={"page_size": 16})
+
+  def test_presets_read_less_and_less(self):
+    presets = quality.router_presets(self.task)
+    self.assertIsNone(presets["conservative"].max_pages)
+    self.assertGreater(presets["balanced"].max_pages, presets["aggressive"].max_pages)
+    self.assertIsInstance(presets["balanced"], RouterConfig)
+
+
+if __name__ == "__main__":
+  absltest.main()
