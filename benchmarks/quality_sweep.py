@@ -55,12 +55,16 @@ def settings(task: tasks.RecallTask, noise_p: float) -> list[quality.Setting]:
 
 
 def pareto_front(rows) -> list[dict]:
-  """Rows no other row beats on accuracy while reading no more bytes."""
-  return [
-      r for r in rows if not any(
-          o["accuracy"] > r["accuracy"] and o["kv_read_fraction"] <= r["kv_read_fraction"]
-          for o in rows)
-  ]
+  """Rows no other row dominates (as accurate or more, reading as few bytes or fewer, and
+  strictly better in one of the two)."""
+
+  def dominates(o, r):
+    at_least = (o["accuracy"] >= r["accuracy"] and
+                o["kv_read_fraction"] <= r["kv_read_fraction"])
+    return at_least and (o["accuracy"] > r["accuracy"] or
+                         o["kv_read_fraction"] < r["kv_read_fraction"])
+
+  return [r for r in rows if not any(dominates(o, r) for o in rows)]
 
 
 def plot(rows, path: str) -> None:
