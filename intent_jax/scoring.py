@@ -1,12 +1,15 @@
-"""Dynamic block scores from the query: cosine similarity of the query to each block's mean key.
+"""Scores from the query, for when the runtime does not know which block matters.
 
-A baseline for when the runtime does not know which block matters; the scores go to
-`route(..., scores=...)`.
+* `cosine_scores`: cosine similarity of the query to each block's mean key (a baseline; the
+  scores go to `route(..., scores=...)`).
+* `page_upper_bounds`: from the cache's per-page key bounds, an upper bound of every logit a page
+  can give (the Quest bound), per kv head.
 """
 
 import jax
 import jax.numpy as jnp
 
+from intent_jax import cache as cache_lib
 from intent_jax.layout import BlockLayout, token_block_ids
 
 
@@ -57,3 +60,31 @@ def block_cosine_scores(q: jax.Array, means: jax.Array, layout: BlockLayout,
   cosine = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), -1.0)
   scores = (1.0 + cosine.mean(axis=-1)) / 2.0
   return jnp.where(layout.valid & (layout.starts < seq_lens[:, None]), scores, 0.0)
+
+
+def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
+  """f32[batch, max_pages_per_seq, num_kv_heads]: for each logical page and kv head, a bound no
+  logit of the page's stored keys exceeds, for any query head of the group and query token.
+
+  Per channel, max(q * key_max, q * key_min) bounds q * k for every key of the page, so
+  scale * sum over channels of it bounds the logit: q+ . key_max + q- . key_min with q+ and q-
+  the positive and negative parts of q; the maximum is taken over the group's heads and q_len.
+  Unmapped pages give -inf.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim], batch = the cache's max_seqs.
+    cache: the paged cache (its key bounds).
+    scale: logit scale; default 1 / sqrt(head_dim).
+  """
+  batch, q_len, num_q_heads, head_dim = q.shape
+  num_kv_heads = cache.config.num_kv_heads
+  scale = head_dim**-0.5 if scale is None else scale
+  lower, upper = cache_lib.page_key_bounds(cache)
+  mapped = jnp.isfinite(upper[..., 0])  # [batch, pages, kv_heads]
+  lower, upper = jnp.where(mapped[..., None], lower, 0.0), jnp.where(mapped[..., None], upper, 0.0)
+  grouped = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, -1, head_dim)
+  highest = jax.lax.Precision.HIGHEST
+  bound = (jnp.einsum("bthgd,bphd->bphgt", jnp.maximum(grouped, 0.0), upper, precision=highest) +
+           jnp.einsum("bthgd,bphd->bphgt", jnp.minimum(grouped, 0.0), lower, precision=highest))
+  bound = jnp.max(bound, axis=(-2, -1)) * scale
+  return jnp.where(mapped, bound, -jnp.inf)

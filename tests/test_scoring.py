@@ -1,11 +1,18 @@
-"""Tests of intent_jax.scoring: cosine scores against a numpy computation."""
+"""Tests of intent_jax.scoring: cosine scores against numpy; page logit bounds never below the
+true logits."""
+
+import dataclasses
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from intent_jax import cache as cache_lib
 from intent_jax import scoring
+from intent_jax.precision import Precision
+from intent_jax.router import RouterConfig, route
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
 
 
@@ -45,6 +52,53 @@ class CosineScoresTest(absltest.TestCase):
                         axis=1)
     scores = scoring.cosine_scores(q, k, layout, jnp.asarray([8]))
     np.testing.assert_allclose(scores, [[1.0, 0.0]], atol=1e-6)
+
+
+class PageUpperBoundsTest(parameterized.TestCase):
+
+  def _cache(self, seed, dtype, lengths, page_size=16, length=96):
+    config = cache_lib.CacheConfig(num_kv_heads=2, head_dim=16, max_seqs=len(lengths),
+                                   max_seq_len=length, page_size=page_size,
+                                   pool_pages={p: 64 for p in Precision}, dtype=dtype)
+    kk, kv, kp = jax.random.split(jax.random.key(seed), 3)
+    shape = (len(lengths), length, 2, 16)
+    k = jax.random.normal(kk, shape) * jnp.where(jnp.arange(16) == 3, 8.0, 1.0)  # An outlier.
+    v = jax.random.normal(kv, shape)
+    lengths = jnp.asarray(lengths)
+    cache = cache_lib.prefill(cache_lib.create(config), k, v, lengths)
+    layout = BlockLayout.stack([BlockLayout.from_blocks([], length)] * len(lengths))
+    table = route(layout, lengths, RouterConfig(page_size=page_size, recent_tokens=0))
+    formats = jax.random.randint(kp, table.precisions.shape, 0, len(Precision))
+    return cache_lib.apply_precision(cache, dataclasses.replace(table, precisions=formats))
+
+  @parameterized.parameters((0, "float32", 1), (1, "bfloat16", 3), (2, "float32", 3))
+  def test_no_stored_key_beats_its_page_bound(self, seed, dtype, q_len):
+    lengths = [96, 41, 17]
+    cache = self._cache(seed, dtype, lengths)
+    q = jax.random.normal(jax.random.key(seed + 10), (3, q_len, 4, 16)) * 2.0
+    bounds = np.asarray(scoring.page_upper_bounds(q, cache))
+    k, _ = cache_lib.dequantized_kv(cache)  # Stored values, each page in its format.
+    logits = np.einsum("bthgd,bshd->bshgt", np.asarray(q, np.float64).reshape(3, q_len, 2, 2, 16),
+                       np.asarray(k, np.float64)) / 4.0
+    self.assertGreater(int(jnp.sum(cache.page_pool == int(Precision.INT4))), 0)
+    for b, length in enumerate(lengths):
+      pages = -(-length // 16)
+      per_page = logits[b, :pages * 16].reshape(pages, 16, 2, -1)
+      stored = (np.arange(pages * 16) < length).reshape(pages, 16)[..., None, None]
+      true_max = np.where(stored, per_page, -np.inf).max(axis=(1, 3))  # [pages, kv_heads]
+      self.assertTrue(np.all(bounds[b, :pages] >= true_max - 1e-4 * (1 + np.abs(true_max))))
+      self.assertTrue(np.all(np.isneginf(bounds[b, pages:])))  # Unmapped pages.
+
+  def test_a_page_of_one_token_is_bounded_exactly(self):
+    cache = self._cache(3, "float32", [1, 33])
+    q = jax.random.normal(jax.random.key(4), (2, 1, 4, 16))
+    bounds = np.asarray(scoring.page_upper_bounds(q, cache, scale=1.0))
+    k, _ = cache_lib.dequantized_kv(cache)
+    exact = np.einsum("hgd,hd->hg", np.asarray(q[0, 0]).reshape(2, 2, 16), np.asarray(k[0, 0]))
+    np.testing.assert_allclose(bounds[0, 0], exact.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(bounds[1, 2], np.einsum(  # Token 32 alone in page 2.
+        "hgd,hd->hg", np.asarray(q[1, 0]).reshape(2, 2, 16), np.asarray(k[1, 32])).max(axis=1),
+                               rtol=1e-5)
 
 
 if __name__ == "__main__":
