@@ -32,7 +32,7 @@ import numpy as np
 from intent_jax import quant
 from intent_jax.precision import NUM_PRECISIONS, Precision, page_bytes
 from intent_jax.router import PageTable
-from intent_jax.validation import is_int
+from intent_jax.validation import is_int, require_positive_ints
 
 UNMAPPED = -1
 K_SCALE_AXIS = -2  # K pages [..., page_size, head_dim]: reduce over tokens, a scale per channel.
@@ -64,10 +64,7 @@ class CacheConfig:
   dtype: str = "bfloat16"
 
   def __post_init__(self):
-    for name in ("num_kv_heads", "head_dim", "max_seqs", "max_seq_len"):
-      value = getattr(self, name)
-      if not is_int(value) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    require_positive_ints(self, ("num_kv_heads", "head_dim", "max_seqs", "max_seq_len"))
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even (INT4 packs two values a byte)")
     ps = self.page_size

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy
+from intent_jax.validation import require_positive_ints
 
 # Vocabulary (fits DecoderConfig's default vocab_size=256).
 PAD, BOS, SYSTEM, DOCUMENT, TOOL, SCRATCHPAD, USER, ASK = range(8)
@@ -59,10 +60,7 @@ class RecallTask:
   num_queries: int = 1
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field.name}={value!r} must be a positive int")
+    require_positive_ints(self, [field.name for field in dataclasses.fields(self)])
     if self.num_facts > NUM_KEYS:
       raise ValueError(f"{self.num_facts} facts need more than the {NUM_KEYS} keys")
     if self.num_queries > self.num_facts:

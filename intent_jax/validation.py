@@ -10,6 +10,15 @@ def is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def require_positive_ints(config, names) -> None:
+  """Raises ValueError naming the first of the `names` attributes of `config` that is not an int
+  >= 1 (bools are not ints)."""
+  for name in names:
+    value = getattr(config, name)
+    if not is_int(value) or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive int")
+
+
 def as_enum(cls: type[enum.IntEnum], value, name: str):
   """Returns `value` as a member of `cls`, or raises TypeError/ValueError naming `name`."""
   if not is_int(value):

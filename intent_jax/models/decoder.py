@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
 from intent_jax.nnx import DenseKV, IntentAttention
+from intent_jax.validation import require_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +35,8 @@ class DecoderConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    require_positive_ints(self, ("vocab_size", "model_dim", "num_layers", "num_heads",
+                                 "num_kv_heads", "head_dim", "mlp_dim"))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
