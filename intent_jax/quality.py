@@ -38,12 +38,16 @@ def answer_logits(logits: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logits, positions[..., None], axis=1)
 
 
+def answer_nll(logits: jax.Array, answers: jax.Array) -> jax.Array:
+  """f32[...]: cross-entropy of answer logits f32[..., vocab] against i32[...] answers."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_probs, answers[..., None], axis=-1)[..., 0]
+
+
 def answer_loss(logits: jax.Array, answers: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(mean cross-entropy, accuracy) of answer logits f32[..., vocab] against i32[...] answers."""
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, answers[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(logits, axis=-1) == answers
-  return nll.mean(), correct.mean()
+  return answer_nll(logits, answers).mean(), correct.mean()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -170,12 +174,12 @@ def _setting_layout(examples: tasks.RecallExamples, setting: Setting, seed: int)
   return dataclasses.replace(examples, policies=policies).layout(scores).unnamed()
 
 
-def _emulated_storage(base: cache_lib.KVCache, lengths, precision: Precision, key_scales: str):
-  """A BF16-pool cache holding base's tokens fake-quantized in `precision`, full pages only,
-  K with one scale per channel of a page or per token, V per token."""
-  config = base.config
+def _emulated_storage(config: cache_lib.CacheConfig, k, v, lengths, precision: Precision,
+                      key_scales: str):
+  """A BF16-pool cache holding the contiguous k, v [batch, pages * page_size, heads, dim]
+  fake-quantized in `precision`, full pages only, K with one scale per channel of a page or per
+  token, V per token."""
   ps = config.page_size
-  k, v = cache_lib.dequantized_kv(base)  # [batch, pages * ps, heads, dim]
   by_page = lambda x: x.reshape(x.shape[0], -1, ps, *x.shape[2:])  # [b, pages, ps, h, d]
   k_axis = -3 if key_scales == "channel" else -1  # Over the page's tokens, or the channels.
   k_q = quant.fake_quant(by_page(k), precision, k_axis).reshape(k.shape)
@@ -196,9 +200,10 @@ def _read_bytes(table, kv, stored_precision, num_prompt_pages):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "setting"))
-def _evaluate_step(graphdef, params, base_caches, layout, tokens, answer_positions, answers,
-                   fact_positions, *, setting: Setting):
-  """Per-example metrics of one setting's decode step over prefilled BF16 caches."""
+def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answer_positions,
+                   answers, fact_positions, *, setting: Setting):
+  """Per-example metrics of one setting's decode step over prefilled BF16 caches (base_kv: their
+  contiguous K and V per layer)."""
   model = nnx.merge(graphdef, params)
   config = base_caches[0].config
   ps = config.page_size
@@ -211,14 +216,14 @@ def _evaluate_step(graphdef, params, base_caches, layout, tokens, answer_positio
   if setting.scores == "cosine":
     caches = base_caches
   elif setting.emulated:
-    caches = tuple(_emulated_storage(c, position, setting.storage, setting.key_scales)
-                   for c in base_caches)
+    caches = tuple(_emulated_storage(config, k, v, position, setting.storage, setting.key_scales)
+                   for k, v in base_kv)
   else:
     store = table if setting.storage is None else dataclasses.replace(
         table, precisions=jnp.full_like(table.precisions, int(setting.storage)))
     caches = tuple(cache_lib.apply_precision(c, store) for c in base_caches)
-  means = [scoring.block_mean_keys(cache_lib.dequantized_kv(c)[0], layout, position)
-           for c in caches] if setting.scores == "cosine" else None
+  means = [scoring.block_mean_keys(k, layout, position)
+           for k, _ in base_kv] if setting.scores == "cosine" else None
 
   records = []
 
@@ -232,20 +237,18 @@ def _evaluate_step(graphdef, params, base_caches, layout, tokens, answer_positio
 
   logits, _ = model(tokens[rows, position][:, None], caches, lengths=jnp.ones(batch, jnp.int32),
                     table=layer_table, decode=True, implementation="reference")
-  log_probs = jax.nn.log_softmax(logits[:, 0], axis=-1)
-  example_nll = -log_probs[rows, answers[:, 0]]
+  example_nll = answer_nll(logits[:, 0], answers[:, 0])
   correct = jnp.argmax(logits[:, 0], axis=-1) == answers[:, 0]
 
   positions = jnp.arange(config.max_pages_per_seq * ps)
   dense_bytes = (-(-lengths // ps)) * config.num_kv_heads * page_bytes(Precision.BF16, ps,
                                                                       config.head_dim)
+  stored = setting.storage if setting.emulated else None
   read_bytes, errors, answer_read = [], [], []
-  for (q, kv, layer_routed), base in zip(records, base_caches):
-    stored = setting.storage if setting.emulated else None
+  for (q, kv, layer_routed), (k_base, v_base) in zip(records, base_kv):
     read_bytes.append(_read_bytes(layer_routed, kv, stored, position // ps))
     routed_out = reference.paged_attention(q, kv, layer_routed)
     k_now, v_now = cache_lib.dequantized_kv(kv)
-    k_base, v_base = cache_lib.dequantized_kv(base)
     new = (positions == position[:, None])[..., None, None]
     k_full, v_full = jnp.where(new, k_now, k_base), jnp.where(new, v_now, v_base)
     visible = (positions <= position[:, None])[:, None]
@@ -260,8 +263,14 @@ def _evaluate_step(graphdef, params, base_caches, layout, tokens, answer_positio
               answer_read=jnp.all(jnp.stack(answer_read), axis=0))
 
 
+@jax.jit
+def _contiguous_kv(caches):
+  return tuple(cache_lib.dequantized_kv(c) for c in caches)
+
+
 def _base_caches(model: Decoder, examples: tasks.RecallExamples, page_size: int):
-  """BF16 paged caches per layer holding each context up to (not including) its question key."""
+  """BF16 paged caches per layer holding each context up to (not including) its question key,
+  and their contiguous f32 (K, V) per layer."""
   c = model.config
   seq_len = examples.task.seq_len
   all_pages = len(examples) * -(-seq_len // page_size)
@@ -271,7 +280,7 @@ def _base_caches(model: Decoder, examples: tasks.RecallExamples, page_size: int)
   lengths = examples.answer_positions[:, 0]
   prompts = jnp.asarray(examples.tokens[:, :int(lengths.max())])
   _, caches = generation.prefill(graphdef, params, caches, prompts, jnp.asarray(lengths))
-  return caches
+  return caches, _contiguous_kv(caches)
 
 
 def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch: int = 64,
@@ -280,16 +289,19 @@ def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch:
   every page in BF16), the attention output's relative error vs dense attention over BF16 K/V
   (the setting's own queries, mean over layers), and how often every layer reads the answer's
   fact. Examples ask one question each; contexts are prefilled densely once per batch."""
+  if examples.task.num_queries != 1:
+    raise ValueError(f"examples ask {examples.task.num_queries} questions each; evaluate scores"
+                     " contexts that ask one (RecallTask(num_queries=1))")
   graphdef, params = nnx.split(model)
   sums = {s.name: collections.defaultdict(list) for s in settings}
   for index, start in enumerate(range(0, len(examples), batch)):
     part = examples.take(slice(start, start + batch))
-    base = _base_caches(model, part, page_size)
+    base, base_kv = _base_caches(model, part, page_size)
     arrays = [jnp.asarray(x) for x in (part.tokens, part.answer_positions, part.answers,
                                        part.fact_positions)]
     for setting in settings:
       layout = _setting_layout(part, setting, seed=index)
-      metrics = _evaluate_step(graphdef, params, base, layout, *arrays, setting=setting)
+      metrics = _evaluate_step(graphdef, params, base, base_kv, layout, *arrays, setting=setting)
       for key, value in metrics.items():
         sums[setting.name][key].append(np.asarray(value, np.float64))
   rows = []

@@ -1,5 +1,7 @@
 """Tests of intent_jax.quality on the committed recall checkpoint."""
 
+import dataclasses
+
 from absl.testing import absltest
 import numpy as np
 
@@ -85,6 +87,12 @@ class EvaluateTest(absltest.TestCase):
       S("x", emulated=True)
     with self.assertRaisesRegex(TypeError, "router must be a RouterConfig"):
       S("x", router={"page_size": 16})
+
+  def test_examples_must_ask_one_question(self):
+    model, task, _ = quality.load_recall_model()
+    many = tasks.recall_examples(dataclasses.replace(task, num_queries=3), 2)
+    with self.assertRaisesRegex(ValueError, "ask 3 questions each"):
+      quality.evaluate(model, many, [S("dense")])
 
   def test_presets_read_less_and_less(self):
     presets = quality.router_presets(self.task)
