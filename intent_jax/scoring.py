@@ -76,8 +76,16 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
     cache: the paged cache (its key bounds).
     scale: logit scale; default 1 / sqrt(head_dim).
   """
+  if not isinstance(cache, cache_lib.KVCache):
+    raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+  c = cache.config
+  if (q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating) or q.shape[0] != c.max_seqs or
+      q.shape[2] % c.num_kv_heads or q.shape[3] != c.head_dim):
+    raise ValueError(
+        f"q must be a float array [batch={c.max_seqs}, q_len, a multiple of {c.num_kv_heads}"
+        f" heads, head_dim={c.head_dim}] for this cache, got {q.dtype}{list(q.shape)}")
   batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads = cache.config.num_kv_heads
+  num_kv_heads = c.num_kv_heads
   scale = head_dim**-0.5 if scale is None else scale
   lower, upper = cache_lib.page_key_bounds(cache)
   mapped = jnp.isfinite(upper[..., 0])  # [batch, pages, kv_heads]

@@ -89,6 +89,16 @@ class PageUpperBoundsTest(parameterized.TestCase):
       self.assertTrue(np.all(bounds[b, :pages] >= true_max - 1e-4 * (1 + np.abs(true_max))))
       self.assertTrue(np.all(np.isneginf(bounds[b, pages:])))  # Unmapped pages.
 
+  def test_bad_arguments(self):
+    cache = self._cache(0, "float32", [5, 9])
+    with self.assertRaisesRegex(ValueError, r"q must be a float array \[batch=2, q_len, a multiple"
+                                " of 2 heads, head_dim=16\]"):
+      scoring.page_upper_bounds(jnp.ones((3, 1, 4, 16)), cache)
+    with self.assertRaisesRegex(ValueError, "head_dim=16"):
+      scoring.page_upper_bounds(jnp.ones((2, 1, 4, 8)), cache)
+    with self.assertRaisesRegex(TypeError, "cache must be a cache.KVCache"):
+      scoring.page_upper_bounds(jnp.ones((2, 1, 4, 16)), (None, None))
+
   def test_a_page_of_one_token_is_bounded_exactly(self):
     cache = self._cache(3, "float32", [1, 33])
     q = jax.random.normal(jax.random.key(4), (2, 1, 4, 16))
