@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from intent_jax import cache as cache_lib
-from intent_jax import router
+from intent_jax import page_table
 from intent_jax.precision import Precision
 
 MIXED = ((Precision.BF16, 0.1), (Precision.INT8, 0.3), (Precision.INT4, 0.6))
@@ -12,7 +12,7 @@ NAMED = {"bf16": Precision.BF16, "int8": Precision.INT8, "fp8": Precision.FP8,
          "int4": Precision.INT4}
 
 
-def selection_table(rng, batch, num_tokens, page_size, fraction, precisions) -> router.PageTable:
+def selection_table(rng, batch, num_tokens, page_size, fraction, precisions) -> page_table.PageTable:
   """A table reading `fraction` of each sequence's pages (random, sorted), every token of them."""
   total = num_tokens // page_size
   count = max(1, round(fraction * total))
@@ -20,7 +20,7 @@ def selection_table(rng, batch, num_tokens, page_size, fraction, precisions) -> 
   words = -(-page_size // 32)
   all_bits = (1 << min(page_size, 32)) - 1
   none = jnp.zeros((batch, 1), jnp.int32)
-  return router.PageTable(
+  return page_table.PageTable(
       page_ids=jnp.asarray(page_ids, jnp.int32),
       num_pages=jnp.full((batch,), count, jnp.int32),
       precisions=jnp.asarray(precisions(rng, (batch, count)), jnp.int32),

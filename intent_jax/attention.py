@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from intent_jax import cache as cache_lib
 from intent_jax import gather_attention
 from intent_jax import reference
-from intent_jax.router import PageTable
+from intent_jax.page_table import PageTable
 
 MAX_QUERY_TOKENS = 8  # Decode and speculative verification; prefill uses reference.attention.
 

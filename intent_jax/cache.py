@@ -31,7 +31,7 @@ import numpy as np
 
 from intent_jax import quant
 from intent_jax.precision import NUM_PRECISIONS, Precision, page_bytes
-from intent_jax.router import PageTable
+from intent_jax.page_table import PageTable
 from intent_jax.validation import is_int, require_positive_ints
 
 UNMAPPED = -1

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from intent_jax.precision import NUM_PRECISIONS, Precision, page_bytes
-from intent_jax.router import PageTable
+from intent_jax.page_table import PageTable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
 from intent_jax import reference
-from intent_jax.router import PageTable
+from intent_jax.page_table import PageTable
 
 
 def gather_pages(x: jax.Array, table: PageTable) -> jax.Array:

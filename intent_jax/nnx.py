@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from intent_jax import attention as attention_lib
 from intent_jax import cache as cache_lib
-from intent_jax.router import PageTable
+from intent_jax.page_table import PageTable
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

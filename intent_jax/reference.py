@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
-from intent_jax.router import PageTable, token_mask
+from intent_jax.page_table import PageTable, token_mask
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy, FORCED_POLICIES
+from intent_jax import cache as cache_lib
+from intent_jax import scoring
 from intent_jax.layout import token_block_ids
+from intent_jax.page_table import PageTable, pack_bits
 from intent_jax.precision import NUM_PRECISIONS, Precision
 from intent_jax.validation import as_enum, is_int
-
-BITS_PER_WORD = 32
-
 
 class Decision(enum.IntEnum):
   """What happened to a block."""
@@ -40,6 +40,7 @@ class Decision(enum.IntEnum):
   DROPPED = 0  # None of its tokens are attended.
   ATTENDED = 1  # All of its tokens (up to the sequence length) are attended.
   WINDOW_ONLY = 2  # Dropped, but its tokens inside the recent window are attended.
+  PARTIAL = 3  # Query mode: its tokens on the selected pages (and in the window) are attended.
 
 
 class Reason(enum.IntEnum):
@@ -51,6 +52,8 @@ class Reason(enum.IntEnum):
   BELOW_THRESHOLD = 3  # ATTEND, score < threshold.
   OVER_BUDGET = 4  # ATTEND, score >= threshold, dropped to fit max_pages.
   NOT_REACHED = 5  # The block starts at or past the sequence length.
+  QUERY_SELECTED = 6  # Query mode, ATTEND: read on the pages selected (PARTIAL or ATTENDED).
+  QUERY_DROPPED = 7  # Query mode, ATTEND: none of its pages made the budget (window aside).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,106 +133,73 @@ def precision_for_score(score: jax.Array, memory_pressure: jax.Array,
                 int(Precision.INT4))).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=[
-        "page_ids", "num_pages", "precisions", "token_bits", "seq_lens", "block_decisions",
-        "block_reasons", "block_precisions", "overflow", "truncated"
-    ],
-    meta_fields=["page_size"],
-)
-@dataclasses.dataclass(frozen=True, eq=False)
-class PageTable:
-  """What attention reads, per sequence. Only the first `num_pages` entries are meaningful.
+def _select_blocks(forced_token, forced_page, in_seq, block_of_token, starts, ends, scores,
+                   valid, candidate, *, capacity, ps, with_gap, by_page):
+  """Block mode: the top ATTEND candidates by score whose pages fit `capacity`.
 
-  Attributes:
-    page_ids: i32[batch, max_pages], logical page ids (token t lives in page t // page_size),
-      ascending; padding entries are 0 with no token bits.
-    num_pages: i32[batch], number of selected pages.
-    precisions: i32[batch, max_pages], Precision of each selected page.
-    token_bits: u32[batch, max_pages, words], bit i of word w set iff token
-      page_id * page_size + 32 * w + i is attended.
-    seq_lens: i32[batch], sequence lengths the table was routed for.
-    block_decisions: i32[batch, max_blocks], Decision of each layout block.
-    block_reasons: i32[batch, max_blocks], Reason of each layout block.
-    block_precisions: i32[batch, max_blocks], Precision the rule gives each block.
-    overflow: bool[batch], an ATTEND block was dropped to fit max_pages.
-    truncated: bool[batch], the table misses tokens the policy requires (forced pages over
-      max_pages, or a sequence longer than the layout); attention on such a row is wrong.
-    page_size: static, tokens per page.
+  Returns (kept bool[blocks], selected bool[tokens], forced pages fit bool).
   """
+  n = starts.shape[0]
+  num_logical = forced_page.shape[0]
+  # Rank candidates best first: higher score, then later start. Others rank n.
+  order = jnp.lexsort((-starts, jnp.where(candidate, -scores, jnp.inf)))
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  rank = jnp.where(candidate, rank, n)
 
-  page_ids: jax.Array
-  num_pages: jax.Array
-  precisions: jax.Array
-  token_bits: jax.Array
-  seq_lens: jax.Array
-  block_decisions: jax.Array
-  block_reasons: jax.Array
-  block_precisions: jax.Array
-  overflow: jax.Array
-  truncated: jax.Array
-  page_size: int
+  # Keeping the top k candidates selects the forced pages plus every page whose best candidate
+  # token has rank < k. Count the pages each rank adds, then take the largest k that fits.
+  best_rank = by_page(jnp.where(in_seq, with_gap(rank, n)[block_of_token], n)).min(axis=1)
+  first_needed_by = jnp.where(forced_page, n, best_rank)
+  pages_added = jnp.sum(first_needed_by[:, None] == jnp.arange(n), axis=0, dtype=jnp.int32)
+  pages_for_top = jnp.sum(forced_page) + jnp.concatenate(
+      [jnp.zeros(1, jnp.int32), jnp.cumsum(pages_added)])
+  keep_top = jnp.sum(pages_for_top <= capacity) - 1  # -1: the forced pages alone do not fit.
+  forced_fit = keep_top >= 0
+  keep_top = jnp.maximum(keep_top, 0)
 
-  @property
-  def batch_size(self) -> int:
-    return self.page_ids.shape[0]
-
-  @property
-  def max_pages(self) -> int:
-    return self.page_ids.shape[1]
-
-  def page_token_mask(self) -> jax.Array:
-    """bool[batch, max_pages, page_size]: the attended tokens of each table entry."""
-    offsets = jnp.arange(self.page_size, dtype=jnp.uint32)
-    words = self.token_bits[..., offsets // BITS_PER_WORD]
-    bits = (words >> (offsets % BITS_PER_WORD)) & 1
-    in_table = jnp.arange(self.max_pages) < self.num_pages[:, None]
-    return (bits == 1) & in_table[..., None]
-
-  def token_positions(self) -> jax.Array:
-    """i32[batch, max_pages, page_size]: the sequence position of each table slot."""
-    offsets = jnp.arange(self.page_size, dtype=jnp.int32)
-    return self.page_ids[..., None] * self.page_size + offsets
-
-  def query_positions(self, q_len: int) -> jax.Array:
-    """i32[batch, q_len]: positions of the last `q_len` tokens of each sequence."""
-    return self.seq_lens[:, None] - q_len + jnp.arange(q_len, dtype=jnp.int32)
+  # A candidate outside the top k whose pages are all selected anyway costs nothing: keep it.
+  page_selected = forced_page | (best_rank < keep_top)
+  off_page = in_seq & ~jnp.repeat(page_selected, ps)
+  off_before = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(off_page, dtype=jnp.int32)])
+  clip = lambda x: jnp.clip(x, 0, num_logical * ps)
+  needs_page = valid & (off_before[clip(ends)] > off_before[clip(starts)])
+  kept = candidate & ((rank < keep_top) | ~needs_page)
+  selected = forced_token | (in_seq & with_gap(kept, False)[block_of_token])
+  return kept, selected, forced_fit
 
 
-def token_mask(table: PageTable, num_tokens: int) -> jax.Array:
-  """bool[batch, num_tokens]: exactly the tokens `table` attends."""
-  positions = table.token_positions()
-  positions = jnp.where(table.page_token_mask(), positions, num_tokens)
-  rows = jnp.arange(table.batch_size)[:, None, None]
-  mask = jnp.zeros((table.batch_size, num_tokens), jnp.bool_)
-  return mask.at[rows, positions].set(True, mode="drop")
+def _select_pages(forced_token, forced_page, attend_token, page_score, budget, *, capacity, ps,
+                  by_page):
+  """Query mode: the forced pages, then the ATTEND pages of highest `page_score` up to `budget`
+  pages in all (ties: the later page first). ATTEND tokens on any selected page are attended.
+
+  Returns (chosen bool[pages]: ATTEND pages the budget admitted, selected bool[tokens], forced
+  pages fit bool).
+  """
+  num_logical = forced_page.shape[0]
+  candidate = by_page(attend_token).any(axis=1) & ~forced_page
+  score = jnp.where(jnp.isnan(page_score), -jnp.inf, page_score)
+  pages = jnp.arange(num_logical, dtype=jnp.int32)
+  order = jnp.lexsort((-pages, -score, ~candidate))  # Candidates first, best score first.
+  rank = jnp.zeros(num_logical, jnp.int32).at[order].set(pages)
+  num_forced = jnp.sum(forced_page, dtype=jnp.int32)
+  room = jnp.maximum(jnp.minimum(budget, capacity) - num_forced, 0)
+  chosen = candidate & (rank < room)
+  selected_page = jnp.repeat(forced_page | chosen, ps)
+  selected = forced_token | (attend_token & selected_page)
+  return chosen, selected, num_forced <= capacity
 
 
-def page_mask(table: PageTable, num_pages: int) -> jax.Array:
-  """bool[batch, num_pages]: the logical pages `table` reads."""
-  in_table = jnp.arange(table.max_pages) < table.num_pages[:, None]
-  page_ids = jnp.where(in_table, table.page_ids, num_pages)
-  rows = jnp.arange(table.batch_size)[:, None]
-  mask = jnp.zeros((table.batch_size, num_pages), jnp.bool_)
-  return mask.at[rows, page_ids].set(True, mode="drop")
+def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure,
+                    page_score=None, budget=None, *, config: RouterConfig, num_tokens: int):
+  """Routes one sequence; arrays are one row of the layout. Returns PageTable fields.
 
-
-def _pack_bits(selected: jax.Array) -> jax.Array:
-  """bool[pages, page_size] -> u32[pages, words]; token i is bit i % 32 of word i // 32."""
-  pages, page_size = selected.shape
-  width = min(page_size, BITS_PER_WORD)
-  lanes = selected.reshape(pages, page_size // width, width).astype(jnp.uint32)
-  return jnp.sum(lanes << jnp.arange(width, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure, *,
-                    config: RouterConfig, num_tokens: int):
-  """Routes one sequence; arrays are one row of the layout. Returns PageTable fields."""
+  With `page_score` (f32[logical pages]) and `budget` (i32), ATTEND pages are chosen by score
+  (query mode); otherwise ATTEND blocks by their layout score (block mode).
+  """
   ps = config.page_size
   num_logical = math.ceil(num_tokens / ps)
   capacity = config.table_capacity(num_tokens)
-  n = starts.shape[0]  # Index n stands for "no block" in per-token lookups.
   with_gap = lambda per_block, gap: jnp.append(per_block, jnp.asarray(gap, per_block.dtype))
   by_page = lambda per_token: per_token.reshape(num_logical, ps)
 
@@ -241,39 +211,41 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
 
   forced_block = valid & jnp.isin(policies, jnp.asarray([int(p) for p in FORCED_POLICIES]))
   attend_block = valid & (policies == int(BlockPolicy.ATTEND))
-  candidate = attend_block & (scores >= config.score_threshold)
   gap_forced = config.default_policy in FORCED_POLICIES
   forced_token = in_window | (in_seq & with_gap(forced_block, gap_forced)[block_of_token])
-
-  # Rank candidates best first: higher score, then later start. Others rank n.
-  order = jnp.lexsort((-starts, jnp.where(candidate, -scores, jnp.inf)))
-  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  rank = jnp.where(candidate, rank, n)
-
-  # Keeping the top k candidates selects the forced pages plus every page whose best candidate
-  # token has rank < k. Count the pages each rank adds, then take the largest k that fits.
   forced_page = by_page(forced_token).any(axis=1)
-  best_rank = by_page(jnp.where(in_seq, with_gap(rank, n)[block_of_token], n)).min(axis=1)
-  first_needed_by = jnp.where(forced_page, n, best_rank)
-  pages_added = jnp.sum(first_needed_by[:, None] == jnp.arange(n), axis=0, dtype=jnp.int32)
-  pages_for_top = jnp.sum(forced_page) + jnp.concatenate(
-      [jnp.zeros(1, jnp.int32), jnp.cumsum(pages_added)])
-  keep_top = jnp.sum(pages_for_top <= capacity) - 1  # -1: the forced pages alone do not fit.
-  truncated = (keep_top < 0) | (seq_len > num_tokens)
-  keep_top = jnp.maximum(keep_top, 0)
 
-  # A candidate outside the top k whose pages are all selected anyway costs nothing: keep it.
-  page_selected = forced_page | (best_rank < keep_top)
-  off_page = in_seq & ~jnp.repeat(page_selected, ps)
-  off_before = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(off_page, dtype=jnp.int32)])
-  clip = lambda x: jnp.clip(x, 0, num_logical * ps)
-  needs_page = valid & (off_before[clip(ends)] > off_before[clip(starts)])
-  kept = candidate & reached & ((rank < keep_top) | ~needs_page)
-  overflow = jnp.any(candidate & reached & ~kept)
+  if page_score is None:
+    candidate = attend_block & (scores >= config.score_threshold)
+    kept, selected, forced_fit = _select_blocks(
+        forced_token, forced_page, in_seq, block_of_token, starts, ends, scores, valid,
+        candidate, capacity=capacity, ps=ps, with_gap=with_gap, by_page=by_page)
+    kept = kept & reached
+    overflow = jnp.any(candidate & reached & ~kept)
+    attended = (forced_block | kept) & reached
+    partial = jnp.zeros_like(attended)
+    attend_reasons = jnp.where(kept, int(Reason.ABOVE_THRESHOLD),
+                               jnp.where(candidate, int(Reason.OVER_BUDGET),
+                                         int(Reason.BELOW_THRESHOLD)))
+  else:
+    attend_token = in_seq & with_gap(attend_block, False)[block_of_token]
+    chosen, selected, forced_fit = _select_pages(
+        forced_token, forced_page, attend_token, page_score, budget, capacity=capacity, ps=ps,
+        by_page=by_page)
+    overflow = jnp.any(by_page(attend_token).any(axis=1) & ~forced_page & ~chosen)
+    # Per block: its tokens in the sequence, selected, selected outside the window.
+    block_ids = jnp.where(in_seq, block_of_token, starts.shape[0])
+    count = lambda mask: jax.ops.segment_sum(mask.astype(jnp.int32), block_ids,
+                                             num_segments=starts.shape[0] + 1)[:-1]
+    all_selected = count(selected) == count(in_seq)
+    attended = reached & (forced_block | (attend_block & all_selected))
+    partial = reached & attend_block & ~attended & (count(selected & ~in_window) > 0)
+    attend_reasons = jnp.where(attended | partial, int(Reason.QUERY_SELECTED),
+                               int(Reason.QUERY_DROPPED))
+  truncated = ~forced_fit | (seq_len > num_tokens)
 
   block_precision = jnp.where(attend_block, precision_for_score(scores, pressure, config),
                               int(Precision.BF16))
-  selected = forced_token | (in_seq & with_gap(kept, False)[block_of_token])
   token_precision = jnp.where(forced_token, int(Precision.BF16),
                               with_gap(block_precision, int(Precision.BF16))[block_of_token])
   token_precision = jnp.where(selected, token_precision, NUM_PRECISIONS)
@@ -287,20 +259,18 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
                                           values.dtype).at[slot].set(values, mode="drop")
   page_ids = compact(jnp.arange(num_logical, dtype=jnp.int32), 0)
   precisions = compact(page_precision.astype(jnp.int32), int(Precision.BF16))
-  token_bits = compact(_pack_bits(by_page(selected)), 0)
+  token_bits = compact(pack_bits(by_page(selected)), 0)
   num_pages = jnp.minimum(jnp.sum(page_used), capacity).astype(jnp.int32)
 
-  attended = (forced_block | kept) & reached
   window_start = jnp.maximum(seq_len - config.recent_tokens, 0)
   touches_window = reached & (ends > window_start) & (config.recent_tokens > 0)
   decisions = jnp.where(attended, int(Decision.ATTENDED),
-                        jnp.where(touches_window, int(Decision.WINDOW_ONLY),
-                                  int(Decision.DROPPED)))
+                        jnp.where(partial, int(Decision.PARTIAL),
+                                  jnp.where(touches_window, int(Decision.WINDOW_ONLY),
+                                            int(Decision.DROPPED))))
   reasons = jnp.select(
-      [~valid, ~reached, forced_block | (policies == int(BlockPolicy.SKIP)), kept, candidate],
-      [int(Reason.PADDING), int(Reason.NOT_REACHED), int(Reason.POLICY),
-       int(Reason.ABOVE_THRESHOLD), int(Reason.OVER_BUDGET)],
-      int(Reason.BELOW_THRESHOLD))
+      [~valid, ~reached, forced_block | (policies == int(BlockPolicy.SKIP))],
+      [int(Reason.PADDING), int(Reason.NOT_REACHED), int(Reason.POLICY)], attend_reasons)
   return dict(
       page_ids=page_ids,
       num_pages=num_pages,
@@ -316,16 +286,24 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_tokens"))
-def _route(starts, ends, policies, scores, valid, seq_lens, memory_pressure, *,
-           config: RouterConfig, num_tokens: int):
+def _route(starts, ends, policies, scores, valid, seq_lens, memory_pressure, page_scores=None,
+           budgets=None, *, config: RouterConfig, num_tokens: int):
   # Takes the layout's arrays, not the layout: block names must not key the jit cache.
   padded_tokens = math.ceil(num_tokens / config.page_size) * config.page_size
   layout = BlockLayout(starts, ends, policies, scores, valid, names=(), num_tokens=num_tokens)
   block_of_token = token_block_ids(layout, padded_tokens)
   route_one = functools.partial(_route_sequence, config=config, num_tokens=num_tokens)
   fields = jax.vmap(route_one)(starts, ends, policies, scores, valid, block_of_token, seq_lens,
-                               memory_pressure)
+                               memory_pressure, page_scores, budgets)
   return PageTable(**fields, page_size=config.page_size)
+
+
+@functools.partial(jax.jit, static_argnames=("num_pages",))
+def _query_page_scores(query, cache, *, num_pages: int):
+  """f32[batch, num_pages]: `scoring.page_scores`, cut or padded (-inf) to the layout's pages."""
+  page_scores = scoring.page_scores(query, cache)[:, :num_pages]
+  missing = num_pages - page_scores.shape[1]
+  return jnp.pad(page_scores, ((0, 0), (0, missing)), constant_values=-jnp.inf)
 
 
 def route(
@@ -335,8 +313,18 @@ def route(
     *,
     scores: jax.Array | None = None,
     memory_pressure: jax.Array | float | None = None,
+    query: jax.Array | None = None,
+    cache=None,
+    budget: jax.Array | int | None = None,
+    page_scores: jax.Array | None = None,
 ) -> PageTable:
   """Routes a batch of layouts into a PageTable.
+
+  Block mode (no `query`, no `page_scores`): ATTEND blocks are kept by score, threshold and
+  `max_pages` (module docstring). Query mode: every ATTEND page competes; the forced pages come
+  first, then the ATTEND pages whose `scoring.page_scores` bound (from `query` and the `cache`'s
+  per-page key bounds) is highest, until the table holds `budget` pages; ATTEND tokens on any
+  selected page are attended, SKIP tokens never. Scores then only set precision.
 
   Args:
     layout: BlockLayout with `batch` rows.
@@ -344,6 +332,13 @@ def route(
     config: static RouterConfig.
     scores: optional f32[batch, max_blocks], overrides the layout's scores (dynamic scoring).
     memory_pressure: optional f32 scalar or f32[batch], overrides config.memory_pressure.
+    query: [batch, q_len, num_q_heads, head_dim], the step's queries; needs `cache`.
+    cache: the cache.KVCache the query attends (same page_size as `config`).
+    budget: pages per table in query mode, forced pages included: int, i32 scalar or i32[batch]
+      (traced: changing it does not retrace). Default: the table's capacity. Forced pages are
+      kept even past the budget.
+    page_scores: f32[batch, logical pages of the layout] instead of `query` and `cache`: any
+      per-page score (higher is read first), e.g. from a scoring kernel.
 
   Returns:
     PageTable with `config.table_capacity(layout.num_tokens)` entries per sequence.
@@ -372,9 +367,49 @@ def route(
     raise ValueError(
         f"memory_pressure must be a scalar or shape ({batch},), got {list(memory_pressure.shape)}")
   memory_pressure = jnp.broadcast_to(memory_pressure, (batch,))
+  page_scores, budgets = _query_mode_inputs(layout, config, query, cache, budget, page_scores)
   return _route(layout.starts, layout.ends, layout.policies, scores.astype(jnp.float32),
-                layout.valid, seq_lens.astype(jnp.int32), memory_pressure, config=config,
-                num_tokens=layout.num_tokens)
+                layout.valid, seq_lens.astype(jnp.int32), memory_pressure, page_scores, budgets,
+                config=config, num_tokens=layout.num_tokens)
+
+
+def _query_mode_inputs(layout, config, query, cache, budget, page_scores):
+  """Checks the query-mode arguments of `route`; returns (page_scores, budgets) or (None, None)."""
+  batch = layout.batch_size
+  num_pages = math.ceil(layout.num_tokens / config.page_size)
+  if query is None and cache is None and page_scores is None:
+    if budget is not None:
+      raise ValueError("budget is for query mode: pass query and cache, or page_scores")
+    return None, None
+  if page_scores is not None:
+    if query is not None or cache is not None:
+      raise ValueError("pass either page_scores or query and cache, not both")
+    page_scores = jnp.asarray(page_scores)
+    if (page_scores.shape != (batch, num_pages) or
+        not jnp.issubdtype(page_scores.dtype, jnp.floating)):
+      raise ValueError(
+          f"page_scores must be a float array of shape ({batch}, {num_pages}) (the layout's"
+          f" pages), got {page_scores.dtype}{list(page_scores.shape)}")
+  else:
+    if query is None or cache is None:
+      raise ValueError("query mode needs both query and cache")
+    if not isinstance(cache, cache_lib.KVCache):
+      raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+    if cache.config.page_size != config.page_size or cache.config.max_seqs != batch:
+      raise ValueError(
+          f"cache must have page_size={config.page_size} and max_seqs={batch} like the router"
+          f" and layout, got page_size={cache.config.page_size}, max_seqs={cache.config.max_seqs}")
+    query = jnp.asarray(query)
+    scoring.check_query(query, cache.config)
+    page_scores = _query_page_scores(query, cache, num_pages=num_pages)
+  if budget is None:
+    budget = config.table_capacity(layout.num_tokens)
+  budget = jnp.asarray(budget)
+  if budget.shape not in ((), (batch,)) or not jnp.issubdtype(budget.dtype, jnp.integer):
+    raise ValueError(
+        f"budget must be an int, an integer scalar or shape ({batch},), got {budget.dtype}"
+        f"{list(budget.shape)}")
+  return page_scores.astype(jnp.float32), jnp.broadcast_to(budget.astype(jnp.int32), (batch,))
 
 
 def explain(table: PageTable, layout: BlockLayout, row: int = 0) -> list[dict]:

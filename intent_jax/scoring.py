@@ -4,6 +4,8 @@
   scores go to `route(..., scores=...)`).
 * `page_upper_bounds`: from the cache's per-page key bounds, an upper bound of every logit a page
   can give (the Quest bound), per kv head.
+* `page_scores`: those bounds combined over kv heads into one score per page, what
+  `route(..., query=...)` ranks ATTEND pages by.
 """
 
 import jax
@@ -62,6 +64,17 @@ def block_cosine_scores(q: jax.Array, means: jax.Array, layout: BlockLayout,
   return jnp.where(layout.valid & (layout.starts < seq_lens[:, None]), scores, 0.0)
 
 
+def check_query(q: jax.Array, config: cache_lib.CacheConfig):
+  """Raises ValueError unless q is a float [max_seqs, q_len, heads, head_dim] query for a cache
+  of this config (heads a multiple of its kv heads)."""
+  c = config
+  if (q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating) or q.shape[0] != c.max_seqs or
+      q.shape[2] % c.num_kv_heads or q.shape[3] != c.head_dim):
+    raise ValueError(
+        f"q must be a float array [batch={c.max_seqs}, q_len, a multiple of {c.num_kv_heads}"
+        f" heads, head_dim={c.head_dim}] for this cache, got {q.dtype}{list(q.shape)}")
+
+
 def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: for each logical page and kv head, a bound no
   logit of the page's stored keys exceeds, for any query head of the group and query token.
@@ -79,11 +92,7 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
   c = cache.config
-  if (q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating) or q.shape[0] != c.max_seqs or
-      q.shape[2] % c.num_kv_heads or q.shape[3] != c.head_dim):
-    raise ValueError(
-        f"q must be a float array [batch={c.max_seqs}, q_len, a multiple of {c.num_kv_heads}"
-        f" heads, head_dim={c.head_dim}] for this cache, got {q.dtype}{list(q.shape)}")
+  check_query(q, c)
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = c.num_kv_heads
   scale = head_dim**-0.5 if scale is None else scale
@@ -96,3 +105,18 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
            jnp.einsum("bthgd,bphd->bphgt", jnp.minimum(grouped, 0.0), lower, precision=highest))
   bound = jnp.max(bound, axis=(-2, -1)) * scale
   return jnp.where(mapped, bound, -jnp.inf)
+
+
+def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
+  """f32[batch, max_pages_per_seq]: how much a page can matter to the query, for choosing pages.
+
+  Per kv head, the page's logit bound minus the head's largest bound over the sequence's pages
+  (<= 0; 0 for the page that may hold the head's largest logit), so that heads with different
+  logit scales compare; the score is the maximum over kv heads: a page counts if any head may
+  want it. Unmapped pages give -inf.
+  """
+  bounds = page_upper_bounds(q, cache, scale=scale)  # [batch, pages, kv_heads]
+  best = jnp.max(bounds, axis=1, keepdims=True)
+  relative = jnp.where(jnp.isfinite(bounds), bounds - jnp.where(jnp.isfinite(best), best, 0.0),
+                       -jnp.inf)
+  return jnp.max(relative, axis=-1)

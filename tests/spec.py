@@ -153,6 +153,73 @@ def expected_routing(blocks, num_tokens: int, seq_len: int, config, *, scores=No
                   block_precisions)
 
 
+def expected_query_routing(blocks, num_tokens: int, seq_len: int, config, page_scores,
+                           budget: int, *, pressure=None) -> Expected:
+  """What `route(..., page_scores=, budget=)` must return for one sequence (query mode)."""
+  blocks = sorted(blocks, key=lambda b: b.start)
+  pressure = config.memory_pressure if pressure is None else pressure
+  ps = config.page_size
+  capacity = config.max_pages or math.ceil(num_tokens / ps)
+  length = min(seq_len, num_tokens)
+  positions = np.arange(num_tokens)
+  in_seq = positions < length
+  window = in_seq & (positions >= seq_len - config.recent_tokens)
+  forced = np.zeros(num_tokens, bool)
+  forced[:length] = config.default_policy in FORCED
+  attend = np.zeros(num_tokens, bool)
+  for b in blocks:
+    forced[b.start:b.end] = b.policy in FORCED
+    attend[b.start:b.end] = b.policy == BlockPolicy.ATTEND
+  forced = (forced & in_seq) | window
+  attend &= in_seq
+
+  pages_of = lambda mask: set((np.nonzero(mask)[0] // ps).tolist())
+  forced_pages = pages_of(forced)
+  score = lambda p: -np.inf if np.isnan(page_scores[p]) else float(page_scores[p])
+  candidates = sorted(pages_of(attend) - forced_pages, key=lambda p: (-score(p), -p))
+  room = max(min(budget, capacity) - len(forced_pages), 0)
+  pages = forced_pages | set(candidates[:room])
+  on_pages = np.isin(positions // ps, sorted(pages))
+  selected = forced | (attend & on_pages)
+
+  precision = np.full(num_tokens, 99)
+  precision[forced] = int(Precision.BF16)
+  block_precisions, decisions, reasons = [], [], []
+  window_start = max(seq_len - config.recent_tokens, 0)
+  for b in blocks:
+    p = attend_precision(b.score, pressure, config) if b.policy == BlockPolicy.ATTEND else 0
+    block_precisions.append(p)
+    mine = np.zeros(num_tokens, bool)
+    mine[b.start:min(b.end, length)] = True
+    if b.policy == BlockPolicy.ATTEND:
+      precision[mine & selected & ~forced] = p
+    reached = b.start < length
+    attended = reached and (b.policy in FORCED or
+                            (b.policy == BlockPolicy.ATTEND and selected[mine].all()))
+    partial = (reached and not attended and b.policy == BlockPolicy.ATTEND and
+               (selected & mine & ~window).any())
+    touches = reached and config.recent_tokens > 0 and b.end > window_start
+    decisions.append("ATTENDED" if attended else "PARTIAL" if partial else
+                     "WINDOW_ONLY" if touches else "DROPPED")
+    if not reached:
+      reasons.append("NOT_REACHED")
+    elif b.policy != BlockPolicy.ATTEND:
+      reasons.append("POLICY")
+    else:
+      reasons.append("QUERY_SELECTED" if attended or partial else "QUERY_DROPPED")
+
+  used_pages = sorted(pages_of(selected))
+  page_precisions = [int(precision[p * ps:(p + 1) * ps][selected[p * ps:(p + 1) * ps]].min())
+                     for p in used_pages]
+  truncated = seq_len > num_tokens or len(forced_pages) > capacity
+  if len(used_pages) > capacity:  # Only when truncated: the table keeps the first pages.
+    used_pages, page_precisions = used_pages[:capacity], page_precisions[:capacity]
+    selected &= np.isin(positions // ps, used_pages)
+  overflow = len(candidates) > room
+  return Expected(selected, used_pages, page_precisions, overflow, truncated, decisions, reasons,
+                  block_precisions)
+
+
 def dense_attention(q, k, v, visible, *, sinks=None, scale=None, softcap=None) -> np.ndarray:
   """float64 attention; visible: bool[batch, q_len, seq]. Rows seeing nothing are zeros."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))

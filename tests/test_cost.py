@@ -8,7 +8,8 @@ import numpy as np
 from intent_jax import cost
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
 from intent_jax.precision import Precision, page_bytes
-from intent_jax.router import RouterConfig, route, token_mask
+from intent_jax.page_table import token_mask
+from intent_jax.router import RouterConfig, route
 
 
 class CostTest(parameterized.TestCase):

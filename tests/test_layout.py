@@ -12,7 +12,8 @@ import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock, grow_block, set_block
 from intent_jax.layout import token_block_ids
-from intent_jax.router import RouterConfig, route, token_mask
+from intent_jax.page_table import token_mask
+from intent_jax.router import RouterConfig, route
 from tests import spec
 
 

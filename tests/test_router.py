@@ -9,8 +9,9 @@ import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
 from intent_jax.precision import Precision
-from intent_jax.router import Decision, Reason, RouterConfig, explain, page_mask
-from intent_jax.router import precision_for_score, route, token_mask
+from intent_jax.page_table import page_mask, token_mask
+from intent_jax.router import Decision, Reason, RouterConfig, explain
+from intent_jax.router import precision_for_score, route
 from tests import spec
 
 # (name, config, num_tokens): page sizes, windows, budgets, default policies and formats.
@@ -59,23 +60,47 @@ class RouteMatchesSpecTest(parameterized.TestCase):
             scores=None if scores is None else scores[b, :len(blocks)],
             pressure=None if pressure is None else pressure[b])
         where = f"round {round_} row {b}: blocks={blocks} seq_len={seq_lens[b]}"
-        np.testing.assert_array_equal(mask[b], expected.selected, err_msg=where)
-        count = int(table.num_pages[b])
-        self.assertEqual(list(np.asarray(table.page_ids[b, :count])), expected.page_ids, where)
-        self.assertEqual(list(np.asarray(table.precisions[b, :count])),
-                         expected.page_precisions, where)
-        self.assertEqual(bool(table.overflow[b]), expected.overflow, where)
-        self.assertEqual(bool(table.truncated[b]), expected.truncated, where)
-        n = len(blocks)
-        self.assertEqual([Decision(int(x)).name for x in table.block_decisions[b, :n]],
-                         expected.decisions, where)
-        self.assertEqual([Reason(int(x)).name for x in table.block_reasons[b, :n]],
-                         expected.reasons, where)
-        self.assertEqual(list(np.asarray(table.block_precisions[b, :n])),
-                         expected.block_precisions, where)
-        self.assertTrue(np.all(np.asarray(table.block_reasons[b, n:]) == Reason.PADDING), where)
-        np.testing.assert_array_equal(table.page_ids[b, count:], 0, err_msg=where)
-        np.testing.assert_array_equal(table.token_bits[b, count:], 0, err_msg=where)
+        self._assert_row(table, mask, b, len(blocks), expected, where)
+
+  @parameterized.named_parameters(*PROPERTY_CASES)
+  def test_query_mode_matches_spec(self, config, num_tokens):
+    rng = np.random.default_rng(num_tokens + 1)
+    num_pages = -(-num_tokens // config.page_size)
+    for round_ in range(ROUNDS):
+      rows = [spec.random_blocks(rng, num_tokens, MAX_BLOCKS) for _ in range(BATCH)]
+      layout = _layout(rows, num_tokens)
+      seq_lens = rng.integers(1, num_tokens + 1, size=BATCH)
+      # Ties (a grid), unmapped pages (-inf) and NaN among the scores.
+      page_scores = rng.choice([-np.inf, np.nan, -3.0, -1.0, -1.0, 0.0, 0.5, 2.0],
+                               size=(BATCH, num_pages)).astype(np.float32)
+      budgets = rng.integers(0, config.table_capacity(num_tokens) + 3, size=BATCH)
+      table = route(layout, jnp.asarray(seq_lens), config, page_scores=jnp.asarray(page_scores),
+                    budget=jnp.asarray(budgets))
+      mask = np.asarray(token_mask(table, num_tokens))
+      for b, blocks in enumerate(rows):
+        expected = spec.expected_query_routing(blocks, num_tokens, int(seq_lens[b]), config,
+                                               page_scores[b], int(budgets[b]))
+        where = (f"round {round_} row {b}: blocks={blocks} seq_len={seq_lens[b]}"
+                 f" budget={budgets[b]} scores={page_scores[b]}")
+        self._assert_row(table, mask, b, len(blocks), expected, where)
+
+  def _assert_row(self, table, mask, b, n, expected, where):
+    np.testing.assert_array_equal(mask[b], expected.selected, err_msg=where)
+    count = int(table.num_pages[b])
+    self.assertEqual(list(np.asarray(table.page_ids[b, :count])), expected.page_ids, where)
+    self.assertEqual(list(np.asarray(table.precisions[b, :count])),
+                     expected.page_precisions, where)
+    self.assertEqual(bool(table.overflow[b]), expected.overflow, where)
+    self.assertEqual(bool(table.truncated[b]), expected.truncated, where)
+    self.assertEqual([Decision(int(x)).name for x in table.block_decisions[b, :n]],
+                     expected.decisions, where)
+    self.assertEqual([Reason(int(x)).name for x in table.block_reasons[b, :n]],
+                     expected.reasons, where)
+    self.assertEqual(list(np.asarray(table.block_precisions[b, :n])),
+                     expected.block_precisions, where)
+    self.assertTrue(np.all(np.asarray(table.block_reasons[b, n:]) == Reason.PADDING), where)
+    np.testing.assert_array_equal(table.page_ids[b, count:], 0, err_msg=where)
+    np.testing.assert_array_equal(table.token_bits[b, count:], 0, err_msg=where)
 
 
 class RouteTest(parameterized.TestCase):

@@ -1,5 +1,5 @@
 """Tests of intent_jax.scoring: cosine scores against numpy; page logit bounds never below the
-true logits."""
+true logits; route in query mode over a real cache."""
 
 import dataclasses
 
@@ -7,13 +7,18 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 
 from intent_jax import cache as cache_lib
+from intent_jax import reference
 from intent_jax import scoring
 from intent_jax.precision import Precision
+from intent_jax import router as router_lib
 from intent_jax.router import RouterConfig, route
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
+from intent_jax.page_table import page_mask, token_mask
+from tests import spec
 
 
 class CosineScoresTest(absltest.TestCase):
@@ -92,7 +97,7 @@ class PageUpperBoundsTest(parameterized.TestCase):
   def test_bad_arguments(self):
     cache = self._cache(0, "float32", [5, 9])
     with self.assertRaisesRegex(ValueError, r"q must be a float array \[batch=2, q_len, a multiple"
-                                " of 2 heads, head_dim=16\]"):
+                                r" of 2 heads, head_dim=16\]"):
       scoring.page_upper_bounds(jnp.ones((3, 1, 4, 16)), cache)
     with self.assertRaisesRegex(ValueError, "head_dim=16"):
       scoring.page_upper_bounds(jnp.ones((2, 1, 4, 8)), cache)
@@ -109,6 +114,126 @@ class PageUpperBoundsTest(parameterized.TestCase):
     np.testing.assert_allclose(bounds[1, 2], np.einsum(  # Token 32 alone in page 2.
         "hgd,hd->hg", np.asarray(q[1, 0]).reshape(2, 2, 16), np.asarray(k[1, 32])).max(axis=1),
                                rtol=1e-5)
+
+
+class QueryRouteTest(parameterized.TestCase):
+  """route(..., query=, cache=, budget=) on a cache of random keys."""
+
+  BLOCKS = [SemanticBlock("system", 0, 16, BlockPolicy.ALWAYS),
+            SemanticBlock("doc_a", 16, 70, BlockPolicy.ATTEND, 0.9),
+            SemanticBlock("doc_b", 70, 120, BlockPolicy.ATTEND, 0.6),
+            SemanticBlock("scratch", 120, 140, BlockPolicy.SKIP),
+            SemanticBlock("turn", 140, 160, BlockPolicy.RECENT)]
+  CONFIG = RouterConfig(page_size=16, recent_tokens=8)
+
+  def _case(self, seed, lengths=(160, 131)):
+    config = cache_lib.CacheConfig(num_kv_heads=2, head_dim=16, max_seqs=len(lengths),
+                                   max_seq_len=160, dtype="float32")
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    k = jax.random.normal(kk, (len(lengths), 160, 2, 16))
+    v = jax.random.normal(kv, (len(lengths), 160, 2, 16))
+    lengths = jnp.asarray(lengths)
+    cache = cache_lib.prefill(cache_lib.create(config), k, v, lengths)
+    layout = BlockLayout.stack([BlockLayout.from_blocks(self.BLOCKS, 160)] * len(lengths))
+    q = jax.random.normal(kq, (len(lengths), 1, 4, 16))
+    return q, k, v, cache, layout, lengths
+
+  def _forced_pages(self, lengths):
+    """bool[batch, 10]: pages of ALWAYS/RECENT tokens and of the recent window."""
+    return self._pages(lengths, [(0, 16), (140, 160)], window=True)
+
+  def _attend_pages(self, lengths):
+    """bool[batch, 10]: pages holding ATTEND tokens and no forced one."""
+    return self._pages(lengths, [(16, 120)]) & ~self._forced_pages(lengths)
+
+  def _pages(self, lengths, spans, window=False):
+    pages = np.zeros((len(lengths), 10), bool)
+    for b, length in enumerate(np.asarray(lengths)):
+      tokens = np.zeros(160, bool)
+      for start, end in spans:
+        tokens[start:end] = True
+      tokens[length - 8:length] |= window
+      tokens[length:] = False
+      pages[b, np.unique(np.nonzero(tokens)[0] // 16)] = True
+    return pages
+
+  def test_budget_over_all_pages_equals_dense_attention(self):
+    q, k, v, cache, layout, lengths = self._case(0)
+    table = route(layout, lengths, self.CONFIG, query=q, cache=cache, budget=1000)
+    visible = np.arange(160)[None] < np.asarray(lengths)[:, None]
+    visible[:, 120:140] &= np.arange(120, 140)[None] >= np.asarray(lengths)[:, None] - 8  # SKIP.
+    np.testing.assert_array_equal(token_mask(table, 160), visible)
+    self.assertFalse(bool(np.any(table.overflow)))
+    out = reference.paged_attention(q, cache, table)
+    np.testing.assert_allclose(out, spec.dense_attention(q, k, v, visible[:, None]), atol=1e-5)
+
+  @parameterized.parameters(0, 1, 3, 5, 7, 10)
+  def test_forced_pages_always_present_and_budget_kept(self, budget):
+    q, _, _, cache, layout, lengths = self._case(1)
+    table = route(layout, lengths, self.CONFIG, query=q, cache=cache, budget=budget)
+    read = np.asarray(page_mask(table, 10))
+    forced = self._forced_pages(lengths)
+    self.assertTrue(np.all(read[forced]))
+    most = forced.sum(1) + self._attend_pages(lengths).sum(1)
+    np.testing.assert_array_equal(table.num_pages, np.clip(budget, forced.sum(1), most))
+    self.assertTrue(np.all(np.asarray(table.overflow) == (budget < most)))
+    self.assertFalse(bool(np.any(table.truncated)))
+
+  def test_budget_picks_the_page_whose_key_matches_the_query(self):
+    q, k, v, cache, layout, lengths = self._case(2, lengths=(160, 160))
+    target = [3, 6]  # A doc_a page and a doc_b page.
+    for b, page in enumerate(target):  # One key of the page is 10x the query of both heads.
+      k = k.at[b, page * 16 + 5].set(10.0 * q[b, 0, ::2])
+    cache = cache_lib.prefill(cache_lib.create(cache.config), k, v, lengths)
+    forced = self._forced_pages(lengths)
+    table = route(layout, lengths, self.CONFIG, query=q, cache=cache,
+                  budget=forced.sum(1) + 1)
+    read = np.asarray(page_mask(table, 10))
+    np.testing.assert_array_equal(read, forced | (np.arange(10) == np.asarray(target)[:, None]))
+    self.assertTrue(bool(np.all(table.overflow)))
+    rows = {r["name"]: r for r in router_lib.explain(table, layout, row=0)}
+    self.assertEqual((rows["doc_a"]["decision"], rows["doc_a"]["reason"]),
+                     ("PARTIAL", "QUERY_SELECTED"))
+    self.assertEqual((rows["doc_b"]["decision"], rows["doc_b"]["reason"]),
+                     ("DROPPED", "QUERY_DROPPED"))
+
+  def test_page_scores_are_bounds_relative_to_each_heads_best(self):
+    q, _, _, cache, _, _ = self._case(3)
+    bounds = np.asarray(scoring.page_upper_bounds(q, cache))
+    scores = np.asarray(scoring.page_scores(q, cache))
+    relative = bounds - bounds.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, relative.max(axis=-1), rtol=1e-6)
+    np.testing.assert_array_equal(np.isneginf(scores[1]), np.arange(10) >= 9)  # 131 tokens.
+
+  def test_traces_once_across_budgets_and_queries(self):
+    q, _, _, cache, layout, lengths = self._case(4)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(q, cache, budget):
+      return route(layout, lengths, self.CONFIG, query=q, cache=cache, budget=budget)
+
+    for budget in (3, 5, 9):
+      step(q * budget, cache, jnp.asarray([budget, budget - 1]))
+
+  def test_bad_query_mode_arguments(self):
+    q, _, _, cache, layout, lengths = self._case(5)
+    with self.assertRaisesRegex(ValueError, "budget is for query mode"):
+      route(layout, lengths, self.CONFIG, budget=3)
+    with self.assertRaisesRegex(ValueError, "needs both query and cache"):
+      route(layout, lengths, self.CONFIG, query=q)
+    with self.assertRaisesRegex(ValueError, "either page_scores or query"):
+      route(layout, lengths, self.CONFIG, query=q, cache=cache, page_scores=jnp.zeros((2, 10)))
+    with self.assertRaisesRegex(ValueError, r"page_scores must be a float array of shape \(2, 10\)"):
+      route(layout, lengths, self.CONFIG, page_scores=jnp.zeros((2, 9)))
+    with self.assertRaisesRegex(ValueError, "budget must be an int"):
+      route(layout, lengths, self.CONFIG, query=q, cache=cache, budget=2.5)
+    with self.assertRaisesRegex(ValueError, "cache must have page_size=32"):
+      route(layout, lengths, RouterConfig(page_size=32), query=q, cache=cache)
+    with self.assertRaisesRegex(TypeError, "cache must be a cache.KVCache"):
+      route(layout, lengths, self.CONFIG, query=q, cache=cache.pools)
+    with self.assertRaisesRegex(ValueError, "q must be a float array"):
+      route(layout, lengths, self.CONFIG, query=q[..., :8], cache=cache)
 
 
 if __name__ == "__main__":

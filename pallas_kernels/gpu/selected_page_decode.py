@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from intent_jax import cache as cache_lib
 from intent_jax import quant
 from intent_jax.precision import NUM_PRECISIONS, Precision
-from intent_jax.router import BITS_PER_WORD, PageTable
+from intent_jax.page_table import BITS_PER_WORD, PageTable
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.splits import MASK_VALUE
