@@ -3,8 +3,10 @@ r"""What routing and KV precision cost the trained recall model: one row per set
 Loads the committed recall checkpoint, draws --examples held-out contexts (one question each) and
 evaluates every setting of `settings()` with `quality.evaluate`: answer accuracy and NLL, the
 fraction of KV bytes a step reads (vs every page in BF16), the attention output's error vs dense,
-and how often every layer reads the answer's fact. Prints a table, writes JSON and a PNG of
-accuracy vs bytes read with the Pareto front.
+how often every layer reads the answer's fact and the share of the answer block's pages read. Then
+decodes the last --trace_steps tokens before each question (teacher-forced) to record which pages
+each layer reads, and replays those traces through `prefetch.simulate`. Prints tables, writes JSON
+and a PNG of accuracy vs bytes read with the Pareto front.
 
   python -m benchmarks.quality_sweep --examples=512 --json_out=docs/quality_sweep.json \
       --plot_out=docs/quality_sweep.png
@@ -17,10 +19,11 @@ from absl import flags
 import jax
 
 from benchmarks import report
+from intent_jax import prefetch
 from intent_jax import quality
 from intent_jax import router
 from intent_jax import tasks
-from intent_jax.precision import Precision
+from intent_jax.precision import Precision, page_bytes
 
 _EXAMPLES = flags.DEFINE_integer("examples", 512, "Held-out contexts.")
 _SEED = flags.DEFINE_integer("seed", 1, "Seed of the held-out contexts (the training run "
@@ -29,6 +32,8 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Contexts per evaluation call.")
 _NOISE_P = flags.DEFINE_float("noise_p", 0.8, "Probability that noisy scores rank the answer "
                               "document first.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", quality.RECALL_CHECKPOINT, "Recall checkpoint.")
+_TRACE_STEPS = flags.DEFINE_integer("trace_steps", 16, "Decode steps per context of the prefetch "
+                                    "traces (0: none).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows to this JSON file.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", None, "Write the accuracy-vs-bytes PNG here.")
 
@@ -42,6 +47,7 @@ def settings(task: tasks.RecallTask, noise_p: float) -> list[quality.Setting]:
     rows += [S(f"{name}, runtime intent", config),
              S(f"{name}, noisy intent p={noise_p}", config, scores="noisy", noise_p=noise_p),
              S(f"{name}, cosine scores", config, scores="cosine")]
+  rows += query_settings()
   rows.append(S("balanced, runtime intent, BF16 pages", presets["balanced"],
                 storage=Precision.BF16))
   for precision in (Precision.FP8, Precision.INT8, Precision.INT4):
@@ -51,6 +57,36 @@ def settings(task: tasks.RecallTask, noise_p: float) -> list[quality.Setting]:
            S("all INT4, K per token (emulated)", storage=Precision.INT4, key_scales="token",
              emulated=True),
            S("all INT4, K per channel (emulated)", storage=Precision.INT4, emulated=True)]
+  return rows
+
+
+def query_settings() -> list[quality.Setting]:
+  """No intent scores: each layer's query picks the ATTEND pages, 25% of the pages in all."""
+  by_query = router.RouterConfig(recent_tokens=32)
+  return [quality.Setting("no intent scores, query key bounds, 25% pages", by_query,
+                          scores="query"),
+          quality.Setting("no intent scores, exact page max logit (oracle), 25% pages", by_query,
+                          scores="query", exact_page_scores=True)]
+
+
+def prefetch_rows(model, examples, task, steps: int) -> list[dict]:
+  """Hit rate and bytes of the vote predictor on decode traces of the query and balanced rows
+  (bytes per context and decode step, all layers)."""
+  c = model.config
+  layer_page_bytes = c.num_kv_heads * page_bytes(Precision.BF16, 16, c.head_dim)  # K and V.
+  traced = [query_settings()[0],
+            quality.Setting("balanced, runtime intent", quality.router_presets(task)["balanced"])]
+  rows = []
+  for setting in traced:
+    pages = quality.decode_page_selections(model, examples, setting, steps=steps)
+    pages = pages.reshape(steps, -1, pages.shape[-1])  # [steps, layers * contexts, pages]
+    for window, votes in ((1, 1), (4, 1), (4, 2)):
+      r = prefetch.simulate(pages, window=window, page_bytes=layer_page_bytes)
+      steps_counted = (steps - 1) * len(examples)
+      rows.append(dict(setting=setting.name, window=window, min_votes=votes,
+                       hit_rate=r.hit_rate, precision=r.precision,
+                       early_kib_per_step=r.early_bytes / steps_counted / 1024,
+                       wasted_kib_per_step=r.wasted_bytes / steps_counted / 1024))
   return rows
 
 
@@ -94,16 +130,24 @@ def main(argv):
   start = time.time()
   rows = quality.evaluate(model, examples, settings(task, _NOISE_P.value), batch=_BATCH.value)
   seconds = time.time() - start
-  print(f"{'setting':<44} {'acc':>6} {'nll':>7} {'KV read':>8} {'attn err':>9} {'answer read':>12}")
+  print(f"{'setting':<60} {'acc':>6} {'nll':>7} {'KV read':>8} {'attn err':>9}"
+        f" {'answer read':>12} {'answer pages':>13}")
   for r in rows:
-    print(f"{r['name']:<44} {r['accuracy']:>6.3f} {r['nll']:>7.3f} {r['kv_read_fraction']:>8.3f}"
-          f" {r['attention_error']:>9.4f} {r['answer_read']:>12.3f}")
+    print(f"{r['name']:<60} {r['accuracy']:>6.3f} {r['nll']:>7.3f} {r['kv_read_fraction']:>8.3f}"
+          f" {r['attention_error']:>9.4f} {r['answer_read']:>12.3f}"
+          f" {r['answer_page_recall']:>13.3f}")
+  traces = prefetch_rows(model, examples, task, _TRACE_STEPS.value) if _TRACE_STEPS.value else []
+  for r in traces:
+    print(f"prefetch {r['setting']:<48} window={r['window']} votes={r['min_votes']}"
+          f" hit={r['hit_rate']:.3f} precision={r['precision']:.3f}"
+          f" early={r['early_kib_per_step']:.1f} KiB/step wasted={r['wasted_kib_per_step']:.1f}")
   print(f"{len(examples)} held-out contexts (seed {_SEED.value}), {seconds:.0f} s on"
         f" {jax.devices()[0].device_kind}")
   report.write_json(_JSON_OUT.value, dict(
       command="python -m benchmarks.quality_sweep", examples=len(examples), seed=_SEED.value,
       device=jax.devices()[0].device_kind, jax_version=jax.__version__,
       date=time.strftime("%Y-%m-%d"), checkpoint_steps=meta["steps"], rows=rows,
+      prefetch=dict(trace_steps=_TRACE_STEPS.value, rows=traces),
       pareto_front=[r["name"] for r in pareto_front(rows)]))
   if _PLOT_OUT.value:
     plot(rows, _PLOT_OUT.value)

@@ -18,6 +18,7 @@ import numpy as np
 
 from intent_jax import cache as cache_lib
 from intent_jax import cost
+from intent_jax import page_table
 from intent_jax import quant
 from intent_jax import reference
 from intent_jax import router as router_lib
@@ -100,7 +101,7 @@ def load_recall_model(path: str = RECALL_CHECKPOINT) -> tuple[Decoder, tasks.Rec
 # ---------------------------------------------------------------------------------------------
 # Evaluating a routing / storage setting.
 
-SCORE_SOURCES = ("runtime", "noisy", "cosine")
+SCORE_SOURCES = ("runtime", "noisy", "cosine", "query")
 KEY_SCALES = ("channel", "token")
 
 
@@ -113,8 +114,15 @@ class Setting:
     router: RouterConfig of the step; None reads every page (the layout is ignored).
     scores: "runtime" (the layout's intent), "noisy" (`tasks.noisy_scores` with `noise_p`) or
       "cosine" (each layer routes by the cosine of its query to the blocks' mean keys, inside the
-      step; pages stay BF16 since their precision would have to be known before the query).
+      step; pages stay BF16 since their precision would have to be known before the query) or
+      "query" (no intent scores: each layer's query picks the ATTEND pages by their key bounds,
+      `route(..., query=)`, under `page_budget`; pages stay BF16).
     noise_p: probability that the answer document tops the noisy scores.
+    page_budget: for scores="query", the fraction of the context's pages a table may hold
+      (forced pages included; rounded up).
+    exact_page_scores: for scores="query", rank pages by their exact largest logit
+      (`scoring.page_max_logits`, which reads every key: the ceiling a bound could reach)
+      instead of the key-bound scores.
     skip_answer: the answer's document is SKIPped (the negative control).
     skip_as_attend: SKIP blocks are ATTEND blocks with score 0 (with score_threshold 0: every page
       is read, each in the precision its score gives: the policy's mixed precision).
@@ -129,6 +137,8 @@ class Setting:
   router: object = None
   scores: str = "runtime"
   noise_p: float = 0.8
+  page_budget: float = 0.25
+  exact_page_scores: bool = False
   skip_answer: bool = False
   skip_as_attend: bool = False
   storage: Precision | None = None
@@ -138,6 +148,8 @@ class Setting:
   def __post_init__(self):
     if self.scores not in SCORE_SOURCES:
       raise ValueError(f"scores={self.scores!r} must be one of {SCORE_SOURCES}")
+    if not 0 < self.page_budget <= 1:
+      raise ValueError(f"page_budget={self.page_budget!r} must be in (0, 1]")
     if self.key_scales not in KEY_SCALES:
       raise ValueError(f"key_scales={self.key_scales!r} must be one of {KEY_SCALES}")
     if self.key_scales == "token" and not self.emulated:
@@ -164,6 +176,8 @@ def _setting_layout(examples: tasks.RecallExamples, setting: Setting, seed: int)
   scores = examples.scores
   if setting.scores == "noisy":
     scores = tasks.noisy_scores(examples, setting.noise_p, seed=seed)
+  if setting.scores == "query":
+    scores = np.ones_like(scores)  # No intent scores; full precision.
   policies = examples.policies.copy()
   if setting.router is None:
     policies[:] = BlockPolicy.ALWAYS
@@ -199,9 +213,35 @@ def _read_bytes(table, kv, stored_precision, num_prompt_pages):
   return cost.routed_kv_bytes(table, kv.config.num_kv_heads, kv.config.head_dim, precisions)
 
 
+def _route_config(setting: Setting, page_size: int) -> router_lib.RouterConfig:
+  return setting.router or router_lib.RouterConfig(page_size=page_size, recent_tokens=0)
+
+
+def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
+  """(layer, q, kv) -> the PageTable a layer of `setting` reads for sequences of `lengths`
+  (means: per-layer block mean keys, for cosine scores)."""
+  ps = route_config.page_size
+  table = None if setting.scores in ("cosine", "query") else router_lib.route(
+      layout, lengths, route_config)
+  budget = jnp.ceil(setting.page_budget * -(-lengths // ps)).astype(jnp.int32)
+  num_pages = -(-layout.num_tokens // ps)
+
+  def route_layer(layer, q, kv):
+    if setting.scores == "cosine":
+      scores = scoring.block_cosine_scores(q, means[layer], layout, lengths)
+      return router_lib.route(layout, lengths, route_config, scores=scores)
+    if setting.scores == "query":
+      page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
+      return router_lib.route(layout, lengths, route_config, budget=budget,
+                              page_scores=page_scores[:, :num_pages])
+    return table
+
+  return route_layer
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "setting"))
 def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answer_positions,
-                   answers, fact_positions, *, setting: Setting):
+                   answers, fact_positions, answer_blocks, *, setting: Setting):
   """Per-example metrics of one setting's decode step over prefilled BF16 caches (base_kv: their
   contiguous K and V per layer)."""
   model = nnx.merge(graphdef, params)
@@ -211,14 +251,14 @@ def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answe
   rows = jnp.arange(batch)
   position = answer_positions[:, 0]  # The question's key: prefilled before it, fed at the step.
   lengths = position + 1
-  route_config = setting.router or router_lib.RouterConfig(page_size=ps, recent_tokens=0)
-  table = router_lib.route(layout, lengths, route_config)
-  if setting.scores == "cosine":
+  route_config = _route_config(setting, ps)
+  if setting.scores in ("cosine", "query"):
     caches = base_caches
   elif setting.emulated:
     caches = tuple(_emulated_storage(config, k, v, position, setting.storage, setting.key_scales)
                    for k, v in base_kv)
   else:
+    table = router_lib.route(layout, lengths, route_config)
     store = table if setting.storage is None else dataclasses.replace(
         table, precisions=jnp.full_like(table.precisions, int(setting.storage)))
     caches = tuple(cache_lib.apply_precision(c, store) for c in base_caches)
@@ -226,12 +266,10 @@ def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answe
            for k, _ in base_kv] if setting.scores == "cosine" else None
 
   records = []
+  route_layer = _layer_router(setting, route_config, layout, lengths, means)
 
   def layer_table(layer, q, kv):
-    layer_routed = table
-    if means is not None:
-      scores = scoring.block_cosine_scores(q, means[layer], layout, lengths)
-      layer_routed = router_lib.route(layout, lengths, route_config, scores=scores)
+    layer_routed = route_layer(layer, q, kv)
     records.append((q, kv, layer_routed))
     return layer_routed
 
@@ -244,7 +282,8 @@ def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answe
   dense_bytes = (-(-lengths // ps)) * config.num_kv_heads * page_bytes(Precision.BF16, ps,
                                                                       config.head_dim)
   stored = setting.storage if setting.emulated else None
-  read_bytes, errors, answer_read = [], [], []
+  answer_pages = _block_pages(layout, answer_blocks, ps, config.max_pages_per_seq)
+  read_bytes, errors, answer_read, answer_recall = [], [], [], []
   for (q, kv, layer_routed), (k_base, v_base) in zip(records, base_kv):
     read_bytes.append(_read_bytes(layer_routed, kv, stored, position // ps))
     routed_out = reference.paged_attention(q, kv, layer_routed)
@@ -255,12 +294,24 @@ def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answe
     full_out = reference.attention(q, k_full, v_full, mask=visible)
     difference = jnp.linalg.norm((routed_out - full_out).reshape(batch, -1), axis=-1)
     errors.append(difference / jnp.linalg.norm(full_out.reshape(batch, -1), axis=-1))
-    mask = router_lib.token_mask(layer_routed, positions.size)
+    mask = page_table.token_mask(layer_routed, positions.size)
     answer_read.append(mask[rows, fact_positions[:, 0]] & mask[rows, fact_positions[:, 0] + 1])
+    read_pages = page_table.page_mask(layer_routed, config.max_pages_per_seq)
+    answer_recall.append(jnp.sum(read_pages & answer_pages, axis=1) / jnp.sum(answer_pages, 1))
   return dict(correct=correct, nll=example_nll,
               kv_read_fraction=jnp.mean(jnp.stack(read_bytes), axis=0) / dense_bytes,
               attention_error=jnp.mean(jnp.stack(errors), axis=0),
-              answer_read=jnp.all(jnp.stack(answer_read), axis=0))
+              answer_read=jnp.all(jnp.stack(answer_read), axis=0),
+              answer_page_recall=jnp.mean(jnp.stack(answer_recall), axis=0))
+
+
+def _block_pages(layout, blocks, page_size: int, num_pages: int) -> jax.Array:
+  """bool[batch, num_pages]: the pages holding any token of block blocks[b] of row b."""
+  rows = jnp.arange(layout.batch_size)
+  first = layout.starts[rows, blocks] // page_size
+  last = (layout.ends[rows, blocks] - 1) // page_size
+  pages = jnp.arange(num_pages)
+  return (pages >= first[:, None]) & (pages <= last[:, None])
 
 
 @jax.jit
@@ -268,16 +319,16 @@ def _contiguous_kv(caches):
   return tuple(cache_lib.dequantized_kv(c) for c in caches)
 
 
-def _base_caches(model: Decoder, examples: tasks.RecallExamples, page_size: int):
-  """BF16 paged caches per layer holding each context up to (not including) its question key,
-  and their contiguous f32 (K, V) per layer."""
+def _base_caches(model: Decoder, examples: tasks.RecallExamples, page_size: int, back: int = 0):
+  """BF16 paged caches per layer holding each context up to (not including) the token `back`
+  tokens before its question key, and their contiguous f32 (K, V) per layer."""
   c = model.config
   seq_len = examples.task.seq_len
   all_pages = len(examples) * -(-seq_len // page_size)
   caches = create_caches(c, max_seqs=len(examples), max_seq_len=seq_len, page_size=page_size,
                          pool_pages={p: all_pages for p in Precision})
   graphdef, params = nnx.split(model)
-  lengths = examples.answer_positions[:, 0]
+  lengths = examples.answer_positions[:, 0] - back
   prompts = jnp.asarray(examples.tokens[:, :int(lengths.max())])
   _, caches = generation.prefill(graphdef, params, caches, prompts, jnp.asarray(lengths))
   return caches, _contiguous_kv(caches)
@@ -287,8 +338,8 @@ def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch:
              page_size: int = 16) -> list[dict]:
   """One row per setting: answer accuracy and NLL, the fraction of KV bytes a step reads (vs
   every page in BF16), the attention output's relative error vs dense attention over BF16 K/V
-  (the setting's own queries, mean over layers), and how often every layer reads the answer's
-  fact. Examples ask one question each; contexts are prefilled densely once per batch."""
+  (the setting's own queries, mean over layers), how often every layer reads the answer's
+  fact, and the share of the answer block's pages a layer reads (mean over layers). Examples ask one question each; contexts are prefilled densely once per batch."""
   if examples.task.num_queries != 1:
     raise ValueError(f"examples ask {examples.task.num_queries} questions each; evaluate scores"
                      " contexts that ask one (RecallTask(num_queries=1))")
@@ -298,7 +349,7 @@ def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch:
     part = examples.take(slice(start, start + batch))
     base, base_kv = _base_caches(model, part, page_size)
     arrays = [jnp.asarray(x) for x in (part.tokens, part.answer_positions, part.answers,
-                                       part.fact_positions)]
+                                       part.fact_positions, part.answer_blocks[:, 0])]
     for setting in settings:
       layout = _setting_layout(part, setting, seed=index)
       metrics = _evaluate_step(graphdef, params, base, base_kv, layout, *arrays, setting=setting)
@@ -312,5 +363,53 @@ def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch:
                      nll=float(values["nll"].mean()),
                      kv_read_fraction=float(values["kv_read_fraction"].mean()),
                      attention_error=float(values["attention_error"].mean()),
-                     answer_read=float(values["answer_read"].mean())))
+                     answer_read=float(values["answer_read"].mean()),
+                     answer_page_recall=float(values["answer_page_recall"].mean())))
   return rows
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "setting", "steps"))
+def _trace_steps(graphdef, params, caches, layout, tokens, first, *, setting: Setting, steps: int):
+  config = caches[0].config
+  route_config = _route_config(setting, config.page_size)
+  rows = jnp.arange(tokens.shape[0])
+
+  def step(caches, i):
+    position = first + i
+    route_layer = _layer_router(setting, route_config, layout, position + 1)
+    pages = []
+
+    def layer_table(layer, q, kv):
+      table = route_layer(layer, q, kv)
+      pages.append(page_table.page_mask(table, config.max_pages_per_seq))
+      return table
+
+    _, caches = nnx.merge(graphdef, params)(
+        tokens[rows, position][:, None], caches, lengths=jnp.ones_like(position),
+        table=layer_table, decode=True, implementation="reference")
+    return caches, jnp.stack(pages)
+
+  return jax.lax.scan(step, caches, jnp.arange(steps))[1]
+
+
+def decode_page_selections(model: Decoder, examples: tasks.RecallExamples, setting: Setting, *,
+                           steps: int, batch: int = 64, page_size: int = 16) -> np.ndarray:
+  """bool[steps, layers, n, pages]: the pages each layer reads at each of the `steps` decode
+  steps that end with the question's key (teacher-forced: the context's own tokens are fed),
+  routed as `setting` (its pages stay BF16). Decode traces for prefetch studies."""
+  if setting.scores not in ("runtime", "noisy", "query") or setting.storage is not None:
+    raise ValueError(f"setting {setting.name!r}: traces route by runtime, noisy or query scores"
+                     " over BF16 pages")
+  if not 1 <= steps <= int(examples.answer_positions[:, 0].min()):
+    raise ValueError(f"steps={steps} must be in [1, the shortest prompt]")
+  graphdef, params = nnx.split(model)
+  pieces = []
+  for index, start in enumerate(range(0, len(examples), batch)):
+    part = examples.take(slice(start, start + batch))
+    caches, _ = _base_caches(model, part, page_size, back=steps - 1)
+    first = jnp.asarray(part.answer_positions[:, 0] - (steps - 1))
+    pieces.append(np.asarray(_trace_steps(graphdef, params, caches,
+                                          _setting_layout(part, setting, seed=index),
+                                          jnp.asarray(part.tokens), first, setting=setting,
+                                          steps=steps)))
+  return np.concatenate(pieces, axis=2)

@@ -107,15 +107,38 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
   return jnp.where(mapped, bound, -jnp.inf)
 
 
-def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
+def page_max_logits(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
+  """f32[batch, max_pages_per_seq, num_kv_heads]: the largest logit of each page's stored keys
+  (tokens below the sequence's length), over the group's heads and q_len; -inf for unmapped
+  pages. What `page_upper_bounds` bounds; computing it reads every key (an oracle for analysis).
+  """
+  if not isinstance(cache, cache_lib.KVCache):
+    raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+  c = cache.config
+  check_query(q, c)
+  batch, q_len, _, head_dim = q.shape
+  scale = head_dim**-0.5 if scale is None else scale
+  k, _ = cache_lib.dequantized_kv(cache)
+  grouped = q.astype(jnp.float32).reshape(batch, q_len, c.num_kv_heads, -1, head_dim)
+  logits = jnp.einsum("bthgd,bshd->bshgt", grouped, k, precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.max(logits, axis=(-2, -1)) * scale
+  stored = jnp.arange(k.shape[1]) < cache.lengths[:, None]
+  logits = jnp.where(stored[..., None], logits, -jnp.inf)
+  return logits.reshape(batch, c.max_pages_per_seq, c.page_size, c.num_kv_heads).max(axis=2)
+
+
+def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
+                exact: bool = False) -> jax.Array:
   """f32[batch, max_pages_per_seq]: how much a page can matter to the query, for choosing pages.
 
   Per kv head, the page's logit bound minus the head's largest bound over the sequence's pages
   (<= 0; 0 for the page that may hold the head's largest logit), so that heads with different
   logit scales compare; the score is the maximum over kv heads: a page counts if any head may
-  want it. Unmapped pages give -inf.
+  want it. Unmapped pages give -inf. exact=True ranks by `page_max_logits` instead of the bounds
+  (an oracle: it reads every key).
   """
-  bounds = page_upper_bounds(q, cache, scale=scale)  # [batch, pages, kv_heads]
+  per_head = page_max_logits if exact else page_upper_bounds
+  bounds = per_head(q, cache, scale=scale)  # [batch, pages, kv_heads]
   best = jnp.max(bounds, axis=1, keepdims=True)
   relative = jnp.where(jnp.isfinite(bounds), bounds - jnp.where(jnp.isfinite(best), best, 0.0),
                        -jnp.inf)

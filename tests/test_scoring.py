@@ -82,6 +82,7 @@ class PageUpperBoundsTest(parameterized.TestCase):
     cache = self._cache(seed, dtype, lengths)
     q = jax.random.normal(jax.random.key(seed + 10), (3, q_len, 4, 16)) * 2.0
     bounds = np.asarray(scoring.page_upper_bounds(q, cache))
+    exact = np.asarray(scoring.page_max_logits(q, cache))
     k, _ = cache_lib.dequantized_kv(cache)  # Stored values, each page in its format.
     logits = np.einsum("bthgd,bshd->bshgt", np.asarray(q, np.float64).reshape(3, q_len, 2, 2, 16),
                        np.asarray(k, np.float64)) / 4.0
@@ -92,6 +93,8 @@ class PageUpperBoundsTest(parameterized.TestCase):
       stored = (np.arange(pages * 16) < length).reshape(pages, 16)[..., None, None]
       true_max = np.where(stored, per_page, -np.inf).max(axis=(1, 3))  # [pages, kv_heads]
       self.assertTrue(np.all(bounds[b, :pages] >= true_max - 1e-4 * (1 + np.abs(true_max))))
+      np.testing.assert_allclose(exact[b, :pages], true_max, rtol=1e-4, atol=1e-4)
+      self.assertTrue(np.all(np.isneginf(exact[b, pages:])))
       self.assertTrue(np.all(np.isneginf(bounds[b, pages:])))  # Unmapped pages.
 
   def test_bad_arguments(self):
@@ -197,12 +200,14 @@ class QueryRouteTest(parameterized.TestCase):
     self.assertEqual((rows["doc_b"]["decision"], rows["doc_b"]["reason"]),
                      ("DROPPED", "QUERY_DROPPED"))
 
-  def test_page_scores_are_bounds_relative_to_each_heads_best(self):
+  @parameterized.parameters(False, True)
+  def test_page_scores_are_bounds_relative_to_each_heads_best(self, exact):
     q, _, _, cache, _, _ = self._case(3)
-    bounds = np.asarray(scoring.page_upper_bounds(q, cache))
-    scores = np.asarray(scoring.page_scores(q, cache))
+    per_head = scoring.page_max_logits if exact else scoring.page_upper_bounds
+    bounds = np.asarray(per_head(q, cache))
+    scores = np.asarray(scoring.page_scores(q, cache, exact=exact))
     relative = bounds - bounds.max(axis=1, keepdims=True)
-    np.testing.assert_allclose(scores, relative.max(axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(scores, relative.max(axis=-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.isneginf(scores[1]), np.arange(10) >= 9)  # 131 tokens.
 
   def test_traces_once_across_budgets_and_queries(self):
