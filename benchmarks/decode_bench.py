@@ -32,6 +32,7 @@ from intent_jax import cost
 from intent_jax import gather_attention
 from intent_jax import reference
 from intent_jax import router
+from intent_jax import scoring
 from intent_jax import traces
 from intent_jax.precision import Precision
 
@@ -44,6 +45,9 @@ _PRECISIONS = flags.DEFINE_list("precisions", ["bf16", "int8", "fp8", "int4", "m
                                 "(10% BF16, 30% INT8, 60% INT4). Quantized ones run at the first "
                                 "selection only.")
 _TRACES = flags.DEFINE_bool("traces", False, "Also route the synthetic agentic traces.")
+_QUERY_SELECTION = flags.DEFINE_bool(
+    "query_selection", True, "Also time query-aware page selection (scoring.page_scores, then "
+    "route with a budget of the first selection's pages) on the agentic trace layout.")
 _PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
@@ -53,6 +57,27 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Channels per head.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
 _CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+
+
+def select_pages(record, cache, q, fraction, kernel_seconds, measure):
+  """Times query-aware selection over `cache` (every page mapped): the page scores alone, and
+  scores + route to a table of `fraction` of the pages; bytes are the key bounds read."""
+  c = cache.config
+  batch, num_tokens, page_size = c.max_seqs, c.max_seq_len, c.page_size
+  layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
+  lengths = jnp.full((batch,), num_tokens, jnp.int32)
+  config = router.RouterConfig(page_size=page_size, recent_tokens=1024)
+  budget = jnp.int32(round(fraction * num_tokens / page_size))
+  select = jax.jit(lambda q, cache, budget: router.route(layout, lengths, config, query=q,
+                                                         cache=cache, budget=budget))
+  bounds_bytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
+                  cache_lib.SUMMARY_BYTES_PER_CHANNEL)
+  for name, fn, args in (("query page scores (jnp)", jax.jit(scoring.page_scores), (q, cache)),
+                         ("query page scores + route (jnp)", select, (q, cache, budget))):
+    seconds = measure(fn, *args)
+    extra = {} if kernel_seconds is None else dict(pct_of_kernel=100 * seconds / kernel_seconds)
+    record(name, batch, num_tokens, page_size, str(fraction), "bounds", seconds, bounds_bytes, 0,
+           **extra)
 
 
 def main(argv):
@@ -101,6 +126,7 @@ def main(argv):
           print(f"dense dot_product_attention {impl}: not available ({type(e).__name__})")
 
     for page_size in map(int, _PAGE_SIZES.value):
+      kernel_seconds, selection_cache = None, None
       for s_index, selection in enumerate(_SELECTIONS.value):
         names = _PRECISIONS.value if s_index == 0 else ["bf16"]
         for storage in names:
@@ -112,6 +138,7 @@ def main(argv):
           nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
           keys = int(jnp.sum(table.num_pages)) * page_size // batch
           extra = {}
+          seconds = None
           try:
             if _CHECK.value:
               impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
@@ -126,6 +153,8 @@ def main(argv):
           else:
             record(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
                    storage, seconds, nbytes, keys, **extra)
+          if s_index == 0 and storage == "bf16":
+            kernel_seconds, selection_cache = seconds, cache
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
             peer = (decode_inputs.jax_tpu_paged_attention if jax.default_backend() == "tpu"
@@ -140,6 +169,11 @@ def main(argv):
             record("xla gather + dense", batch, num_tokens, page_size, selection, "bf16",
                    measure(gathered, q, k, v, table), nbytes, keys)
           del cache
+
+      if _QUERY_SELECTION.value and selection_cache is not None:
+        select_pages(record, selection_cache, q, float(_SELECTIONS.value[0]), kernel_seconds,
+                     measure)
+      del selection_cache
 
       if _TRACES.value:
         layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
