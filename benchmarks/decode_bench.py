@@ -68,12 +68,12 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   lengths = jnp.full((batch,), num_tokens, jnp.int32)
   config = router.RouterConfig(page_size=page_size, recent_tokens=1024)
   budget = jnp.int32(round(fraction * num_tokens / page_size))
-  select = jax.jit(lambda q, cache, budget: router.route(layout, lengths, config, query=q,
-                                                         cache=cache, budget=budget))
+  select = jax.jit(lambda q, cache, layout, budget: router.route(
+      layout, lengths, config, query=q, cache=cache, budget=budget))
   bounds_bytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
                   cache_lib.SUMMARY_BYTES_PER_CHANNEL)
   for name, fn, args in (("query page scores (jnp)", jax.jit(scoring.page_scores), (q, cache)),
-                         ("query page scores + route (jnp)", select, (q, cache, budget))):
+                         ("query page scores + route (jnp)", select, (q, cache, layout, budget))):
     seconds = measure(fn, *args)
     extra = {} if kernel_seconds is None else dict(pct_of_kernel=100 * seconds / kernel_seconds)
     record(name, batch, num_tokens, page_size, str(fraction), "bounds", seconds, bounds_bytes, 0,

@@ -81,7 +81,7 @@ def prefetch_rows(model, examples, task, steps: int) -> list[dict]:
     pages = quality.decode_page_selections(model, examples, setting, steps=steps)
     pages = pages.reshape(steps, -1, pages.shape[-1])  # [steps, layers * contexts, pages]
     for window, votes in ((1, 1), (4, 1), (4, 2)):
-      r = prefetch.simulate(pages, window=window, page_bytes=layer_page_bytes)
+      r = prefetch.simulate(pages, window=window, min_votes=votes, page_bytes=layer_page_bytes)
       steps_counted = (steps - 1) * len(examples)
       rows.append(dict(setting=setting.name, window=window, min_votes=votes,
                        hit_rate=r.hit_rate, precision=r.precision,

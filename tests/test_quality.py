@@ -3,12 +3,14 @@
 import dataclasses
 
 from absl.testing import absltest
+import jax.numpy as jnp
 import numpy as np
 
 from intent_jax import quality
 from intent_jax import tasks
 from intent_jax.precision import Precision, page_bytes
-from intent_jax.router import RouterConfig
+from intent_jax.page_table import page_mask
+from intent_jax.router import RouterConfig, route
 
 S = quality.Setting
 
@@ -41,7 +43,10 @@ class EvaluateTest(absltest.TestCase):
     settings = [S("dense"), S("skip", skip_answer=True), S("int8", storage=Precision.INT8),
                 S("int4", storage=Precision.INT4),
                 S("int4 emulated", storage=Precision.INT4, emulated=True),
-                S("cosine", cls.balanced, scores="cosine")]
+                S("cosine", cls.balanced, scores="cosine"),
+                S("query", RouterConfig(recent_tokens=32), scores="query"),
+                S("query exact", RouterConfig(recent_tokens=32), scores="query",
+                  exact_page_scores=True)]
     cls.rows = {r["name"]: r for r in quality.evaluate(model, examples, settings, batch=8)}
 
   def test_dense_is_exact_and_reads_everything(self):
@@ -78,6 +83,21 @@ class EvaluateTest(absltest.TestCase):
     budget = self.balanced.max_pages / -(-(self.task.seq_len - 1) // 16)
     self.assertLessEqual(self.rows["cosine"]["kv_read_fraction"], budget)
 
+  def test_query_routing_reads_its_page_budget(self):
+    pages = -(-self.task.seq_len // 16)
+    for name in ("query", "query exact"):  # BF16 pages: bytes are pages.
+      self.assertAlmostEqual(self.rows[name]["kv_read_fraction"], np.ceil(0.25 * pages) / pages,
+                             delta=0.02)
+    # Exact page logits find the answer's page; the bound-based scores are a relaxation of them.
+    self.assertGreaterEqual(self.rows["query exact"]["accuracy"], 0.9)
+    self.assertGreaterEqual(self.rows["query exact"]["accuracy"], self.rows["query"]["accuracy"])
+
+  def test_answer_page_recall(self):
+    self.assertEqual(self.rows["dense"]["answer_page_recall"], 1.0)
+    self.assertLess(self.rows["skip"]["answer_page_recall"], 1.0)
+    for row in self.rows.values():
+      self.assertBetween(row["answer_page_recall"], 0.0, 1.0)
+
   def test_bad_settings(self):
     with self.assertRaisesRegex(ValueError, "scores='oracle'"):
       S("x", scores="oracle")
@@ -87,6 +107,8 @@ class EvaluateTest(absltest.TestCase):
       S("x", emulated=True)
     with self.assertRaisesRegex(TypeError, "router must be a RouterConfig"):
       S("x", router={"page_size": 16})
+    with self.assertRaisesRegex(ValueError, "page_budget=0 must be in"):
+      S("x", scores="query", page_budget=0)
 
   def test_examples_must_ask_one_question(self):
     model, task, _ = quality.load_recall_model()
@@ -99,6 +121,43 @@ class EvaluateTest(absltest.TestCase):
     self.assertIsNone(presets["conservative"].max_pages)
     self.assertGreater(presets["balanced"].max_pages, presets["aggressive"].max_pages)
     self.assertIsInstance(presets["balanced"], RouterConfig)
+
+
+class DecodeTraceTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model, cls.task, _ = quality.load_recall_model()
+    cls.examples = tasks.recall_examples(cls.task, 4, seed=5, split="eval")
+
+  def test_runtime_traces_are_the_routers_tables_step_by_step(self):
+    setting = S("balanced", quality.router_presets(self.task)["balanced"])
+    pages = quality.decode_page_selections(self.model, self.examples, setting, steps=3, batch=2)
+    self.assertEqual(pages.shape, (3, 2, 4, 64))
+    layout = self.examples.layout(self.examples.scores)
+    for step in range(3):
+      lengths = jnp.asarray(self.examples.answer_positions[:, 0] - 2 + step + 1)
+      expected = page_mask(route(layout, lengths, setting.router), 64)
+      for layer in range(2):
+        np.testing.assert_array_equal(pages[step, layer], expected)
+
+  def test_query_traces_keep_the_budget_and_the_forced_pages(self):
+    setting = S("query", RouterConfig(recent_tokens=32), scores="query")
+    pages = quality.decode_page_selections(self.model, self.examples, setting, steps=2)
+    lengths = self.examples.answer_positions[:, 0] - 1 + np.arange(2)[:, None] + 1  # [step, n]
+    np.testing.assert_array_equal(pages.sum(-1), np.ceil(0.25 * -(-lengths[:, None] // 16)) *
+                                  np.ones((2, 2, 4)))
+    self.assertTrue(np.all(pages[..., 0]))  # The system prompt's page.
+    last = (lengths - 1) // 16  # The page of the step's own token (recent window).
+    self.assertTrue(np.all(np.take_along_axis(pages, last[:, None, :, None], axis=-1)))
+
+  def test_bad_traces(self):
+    with self.assertRaisesRegex(ValueError, "traces route by runtime, noisy or query"):
+      quality.decode_page_selections(self.model, self.examples, S("x", storage=Precision.INT8),
+                                     steps=2)
+    with self.assertRaisesRegex(ValueError, "steps=0 must be in"):
+      quality.decode_page_selections(self.model, self.examples, S("x"), steps=0)
 
 
 if __name__ == "__main__":
