@@ -218,8 +218,9 @@ def _route_config(setting: Setting, page_size: int) -> router_lib.RouterConfig:
 
 
 def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
-  """(layer, q, kv) -> the PageTable a layer of `setting` reads for sequences of `lengths`
-  (means: per-layer block mean keys, for cosine scores)."""
+  """(route_layer, table): route_layer(layer, q, kv) is the PageTable a layer of `setting` reads
+  for sequences of `lengths` (means: per-layer block mean keys, for cosine scores); table is the
+  one table of every layer when the setting routes before the query (None otherwise)."""
   ps = route_config.page_size
   table = None if setting.scores in ("cosine", "query") else router_lib.route(
       layout, lengths, route_config)
@@ -236,7 +237,7 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
                               page_scores=page_scores[:, :num_pages])
     return table
 
-  return route_layer
+  return route_layer, table
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "setting"))
@@ -252,21 +253,19 @@ def _evaluate_step(graphdef, params, base_caches, base_kv, layout, tokens, answe
   position = answer_positions[:, 0]  # The question's key: prefilled before it, fed at the step.
   lengths = position + 1
   route_config = _route_config(setting, ps)
+  means = [scoring.block_mean_keys(k, layout, position)
+           for k, _ in base_kv] if setting.scores == "cosine" else None
+  route_layer, table = _layer_router(setting, route_config, layout, lengths, means)
   if setting.scores in ("cosine", "query"):
     caches = base_caches
   elif setting.emulated:
     caches = tuple(_emulated_storage(config, k, v, position, setting.storage, setting.key_scales)
                    for k, v in base_kv)
   else:
-    table = router_lib.route(layout, lengths, route_config)
     store = table if setting.storage is None else dataclasses.replace(
         table, precisions=jnp.full_like(table.precisions, int(setting.storage)))
     caches = tuple(cache_lib.apply_precision(c, store) for c in base_caches)
-  means = [scoring.block_mean_keys(k, layout, position)
-           for k, _ in base_kv] if setting.scores == "cosine" else None
-
   records = []
-  route_layer = _layer_router(setting, route_config, layout, lengths, means)
 
   def layer_table(layer, q, kv):
     layer_routed = route_layer(layer, q, kv)
@@ -376,7 +375,7 @@ def _trace_steps(graphdef, params, caches, layout, tokens, first, *, setting: Se
 
   def step(caches, i):
     position = first + i
-    route_layer = _layer_router(setting, route_config, layout, position + 1)
+    route_layer, _ = _layer_router(setting, route_config, layout, position + 1)
     pages = []
 
     def layer_table(layer, q, kv):

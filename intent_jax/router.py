@@ -173,8 +173,8 @@ def _select_pages(forced_token, forced_page, attend_token, page_score, budget, *
   """Query mode: the forced pages, then the ATTEND pages of highest `page_score` up to `budget`
   pages in all (ties: the later page first). ATTEND tokens on any selected page are attended.
 
-  Returns (chosen bool[pages]: ATTEND pages the budget admitted, selected bool[tokens], forced
-  pages fit bool).
+  Returns (selected bool[tokens], overflow bool: a candidate page was left out, forced pages fit
+  bool).
   """
   num_logical = forced_page.shape[0]
   candidate = by_page(attend_token).any(axis=1) & ~forced_page
@@ -187,7 +187,7 @@ def _select_pages(forced_token, forced_page, attend_token, page_score, budget, *
   chosen = candidate & (rank < room)
   selected_page = jnp.repeat(forced_page | chosen, ps)
   selected = forced_token | (attend_token & selected_page)
-  return chosen, selected, num_forced <= capacity
+  return selected, jnp.any(candidate & ~chosen), num_forced <= capacity
 
 
 def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure,
@@ -229,10 +229,9 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
                                          int(Reason.BELOW_THRESHOLD)))
   else:
     attend_token = in_seq & with_gap(attend_block, False)[block_of_token]
-    chosen, selected, forced_fit = _select_pages(
+    selected, overflow, forced_fit = _select_pages(
         forced_token, forced_page, attend_token, page_score, budget, capacity=capacity, ps=ps,
         by_page=by_page)
-    overflow = jnp.any(by_page(attend_token).any(axis=1) & ~forced_page & ~chosen)
     # Per block: its tokens in the sequence, selected, selected outside the window.
     block_ids = jnp.where(in_seq, block_of_token, starts.shape[0])
     count = lambda mask: jax.ops.segment_sum(mask.astype(jnp.int32), block_ids,
