@@ -1,11 +1,13 @@
 """decode_attention: the public entry point; validates, then dispatches to an implementation.
 
-Every implementation takes `(q, kv, table, *, q_positions, sinks, scale, softcap)`, where kv is
-a paged `KVCache` or a `(k, v)` pair of contiguous arrays, and must match the reference
-(`reference.paged_attention` or `reference.selected_attention`); it raises NotImplementedError
-for inputs it does not support. `implementation=` takes a registered name or an ordered list of
-names: the first that does not raise NotImplementedError is used. The default list is the
-fastest registered one for the platform first and ends with "reference".
+Every implementation takes `(q, kv, table, *, q_positions, sinks, scale, softcap, return_lse)`,
+where kv is a paged `KVCache` or a `(k, v)` pair of contiguous arrays, and must match the
+reference (`reference.paged_attention` or `reference.selected_attention`, which define the
+log-sum-exp too); it raises NotImplementedError for inputs it does not support.
+`implementation=` takes a registered name or an ordered list of names: the first that does not
+raise NotImplementedError is used. The default list is the fastest registered one for the
+platform first and ends with "reference". Over a `sharded.ShardedKVCache`, the chosen
+implementation attends every device's own pages and the results are merged (`sharded`).
 """
 
 from collections.abc import Callable, Sequence
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from intent_jax import cache as cache_lib
 from intent_jax import gather_attention
 from intent_jax import reference
+from intent_jax import sharded
 from intent_jax.page_table import PageTable
 
 MAX_QUERY_TOKENS = 8  # Decode and speculative verification; prefill uses reference.attention.
@@ -97,7 +100,7 @@ def static_validate_inputs(q, kv, table, *, q_positions=None, sinks=None, scale=
                            softcap=None) -> None:
   """Checks shapes, dtypes and static arguments before tracing; raises ValueError/TypeError."""
   _check_array("q", q)
-  if isinstance(kv, cache_lib.KVCache):
+  if isinstance(kv, (cache_lib.KVCache, sharded.ShardedKVCache)):
     cfg = kv.config
     if q.ndim != 4 or q.shape[0] != cfg.max_seqs or q.shape[3] != cfg.head_dim:
       raise ValueError(
@@ -133,32 +136,55 @@ def static_validate_inputs(q, kv, table, *, q_positions=None, sinks=None, scale=
     raise ValueError(f"softcap={softcap!r} must be None or a positive number")
 
 
+def _check_mesh_args(kv, mesh, partition) -> None:
+  """A mesh comes with a ShardedKVCache; given here too, it must be the cache's."""
+  if isinstance(kv, sharded.ShardedKVCache):
+    if mesh is not None and mesh != kv.mesh:
+      raise ValueError(f"mesh {mesh} is not the mesh the cache is split over ({kv.mesh})")
+    if partition is not None and partition != kv.partition:
+      raise ValueError(f"partition {partition} is not the cache's ({kv.partition})")
+  elif mesh is not None or partition is not None:
+    raise TypeError(
+        "mesh and partition need a sharded.ShardedKVCache (sharded.create); a single-device"
+        f" {type(kv).__name__} is not split across devices")
+
+
 def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, scale=None,
-                     softcap=None, implementation=None) -> jax.Array:
+                     softcap=None, implementation=None, mesh=None, partition=None) -> jax.Array:
   """Attention of 1..8 query tokens over exactly the tokens `table` selects.
 
   Args:
     q: [batch, q_len, num_q_heads, head_dim], q_len in 1..8.
-    kv: a paged KVCache (batch = max_seqs), or a (k, v) pair of contiguous
-      [batch, seq, num_kv_heads, head_dim] arrays.
+    kv: a paged KVCache (batch = max_seqs), a sharded.ShardedKVCache (split over a mesh), or a
+      (k, v) pair of contiguous [batch, seq, num_kv_heads, head_dim] arrays.
     table: PageTable from `route`, for the cache's current lengths.
     q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
     sinks: optional f32[num_q_heads] sink logits.
     scale: logit scale, default 1/sqrt(head_dim).
     softcap: optional logit soft-cap.
     implementation: None, a registered name, or an ordered list of names.
+    mesh, partition: optional; the mesh and sharded.Partition of a ShardedKVCache (checked
+      against the cache's own). Without a sharded cache, nothing is split.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype. Rows with nothing selected are zeros.
-    Rows are NaN, so that a wrong answer is never silent, where the table is `truncated` or was
-    routed for other lengths than the cache holds.
+    [batch, q_len, num_q_heads, head_dim] in q.dtype (split over the partition's heads axis for
+    a sharded cache). Rows with nothing selected are zeros. Rows are NaN, so that a wrong answer
+    is never silent, where the table is `truncated` or was routed for other lengths than the
+    cache holds.
   """
   static_validate_inputs(q, kv, table, q_positions=q_positions, sinks=sinks, scale=scale,
                          softcap=softcap)
+  _check_mesh_args(kv, mesh, partition)
   names = _implementation_names(implementation)
   wrong = table.truncated
-  if isinstance(kv, cache_lib.KVCache):
+  if isinstance(kv, (cache_lib.KVCache, sharded.ShardedKVCache)):
     wrong = wrong | (table.seq_lens != kv.lengths)
+  nan_where_wrong = lambda out: jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  if isinstance(kv, sharded.ShardedKVCache):
+    out = sharded.decode_attention(
+        q, kv, table, tuple((name, IMPLEMENTATIONS[name]) for name in names), q_positions=q_positions,
+        sinks=sinks, scale=scale, softcap=softcap)
+    return nan_where_wrong(out)
   reasons = []
   for name in names:
     try:
@@ -167,6 +193,6 @@ def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, s
     except NotImplementedError as e:
       reasons.append(f"{name}: {e}")
       continue
-    return jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
+    return nan_where_wrong(out)
   raise NotImplementedError(
       f"none of the implementations {list(names)} supports these inputs ({'; '.join(reasons)})")

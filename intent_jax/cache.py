@@ -32,7 +32,7 @@ import numpy as np
 from intent_jax import quant
 from intent_jax.precision import NUM_PRECISIONS, Precision, page_bytes
 from intent_jax.page_table import PageTable
-from intent_jax.validation import is_int, require_positive_ints
+from intent_jax.validation import is_int, is_traced, require_positive_ints
 
 UNMAPPED = -1
 K_SCALE_AXIS = -2  # K pages [..., page_size, head_dim]: reduce over tokens, a scale per channel.
@@ -299,7 +299,7 @@ def dequantized_kv(cache: KVCache):
 # Writing tokens.
 
 
-def _plan_write(cache: KVCache, counts):
+def plan_write(cache: KVCache, counts):
   """Which sequences a write of `counts` new tokens can serve.
 
   Returns (fits bool[B]: within max_seq_len, granted bool[B]: pages available, demand i32[B]:
@@ -325,17 +325,29 @@ def _key_bounds(pages, page_ids, lengths):
           jnp.max(jnp.where(stored, values, -jnp.inf), axis=-2))
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write(cache: KVCache, k, v, counts) -> KVCache:
+def write_tokens(cache: KVCache, k, v, counts, agree=None):
+  """The write behind `prefill` and `append`, unjitted, for composing into other jitted code.
+
+  Args:
+    cache: the cache; k, v: [max_seqs, tokens, num_kv_heads, head_dim]; counts: i32[max_seqs].
+    agree: optional function bool[max_seqs] -> bool[max_seqs] that may refuse more of the
+      sequences this cache can serve (a sharded cache refuses a sequence any shard refuses).
+
+  Returns:
+    (the new cache, served bool[max_seqs]); refused sequences keep their length and are flagged.
+  """
   cfg = cache.config
   ps, max_pages = cfg.page_size, cfg.max_pages_per_seq
   pool = cache.pools[Precision.BF16]
   batch, new_tokens = k.shape[:2]
   counts = jnp.clip(counts, 0, new_tokens)
-  fits, granted, demand, taken_before = _plan_write(cache, counts)
+  fits, granted, demand, _ = plan_write(cache, counts)
   served = fits & granted
+  if agree is not None:
+    served = agree(served)
   counts = jnp.where(served, counts, 0)
   demand = jnp.where(served, demand, 0)
+  taken_before = jnp.cumsum(demand) - demand  # Stack entries taken by earlier served sequences.
   rows = jnp.arange(batch)[:, None]
 
   # Map the new pages: sequence b's k-th new page pops stack entry num_free - 1 - before - k.
@@ -372,19 +384,19 @@ def _write(cache: KVCache, k, v, counts) -> KVCache:
       key_max=pool.key_max.at[:, touched_slot].set(key_max, mode="drop"),
       num_free=pool.num_free - jnp.sum(demand, dtype=jnp.int32))
   pools = tuple(pool if p == Precision.BF16 else cache.pools[p] for p in Precision)
-  return dataclasses.replace(cache, pools=pools, page_pool=page_pool, page_slot=page_slot,
-                             lengths=lengths, overflow=cache.overflow | ~served)
+  cache = dataclasses.replace(cache, pools=pools, page_pool=page_pool, page_slot=page_slot,
+                              lengths=lengths, overflow=cache.overflow | ~served)
+  return cache, served
 
 
-def _is_traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write(cache: KVCache, k, v, counts) -> KVCache:
+  return write_tokens(cache, k, v, counts)[0]
 
 
-def _check_write(cache: KVCache, k, v, counts, name: str) -> None:
-  """Validates a write's arguments; eagerly, also that every sequence can be served."""
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-  cfg = cache.config
+def check_write_arrays(cfg: CacheConfig, k, v, counts, name: str) -> None:
+  """Raises unless k, v are float [max_seqs, tokens, num_kv_heads, head_dim] and `counts`
+  (called `name`) an integer [max_seqs] array; eagerly, also unless counts are in [0, tokens]."""
   for arg, x in (("k", k), ("v", v)):
     expected = (cfg.max_seqs, None, cfg.num_kv_heads, cfg.head_dim)
     if (not hasattr(x, "shape") or x.ndim != 4 or x.shape[0] != cfg.max_seqs or
@@ -400,14 +412,25 @@ def _check_write(cache: KVCache, k, v, counts, name: str) -> None:
     raise ValueError(
         f"{name} must be an integer array of shape ({cfg.max_seqs},), got {counts.dtype}"
         f"{list(counts.shape)}")
-  if _is_traced(cache, counts):
-    return  # Inside jit: refused writes set `overflow` instead.
+  if is_traced(counts):
+    return
   counts_host = np.asarray(counts)
   bad = np.nonzero((counts_host < 0) | (counts_host > k.shape[1]))[0]
   if bad.size:
     raise ValueError(
         f"{name}[{bad[0]}]={counts_host[bad[0]]} must be in [0, {k.shape[1]}] (tokens given)")
-  fits, granted, demand, taken_before = (np.asarray(x) for x in _plan_write(cache, counts))
+
+
+def _check_write(cache: KVCache, k, v, counts, name: str) -> None:
+  """Validates a write's arguments; eagerly, also that every sequence can be served."""
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+  cfg = cache.config
+  check_write_arrays(cfg, k, v, counts, name)
+  if is_traced(cache, counts):
+    return  # Inside jit: refused writes set `overflow` instead.
+  counts_host = np.asarray(counts)
+  fits, granted, demand, taken_before = (np.asarray(x) for x in plan_write(cache, counts))
   lengths = np.asarray(cache.lengths)
   for b in range(cfg.max_seqs):
     if not fits[b]:
@@ -468,7 +491,7 @@ def release(cache: KVCache, seq) -> KVCache:
   """Empties sequence `seq` and returns its pages to their pools (the cache is donated)."""
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-  if not _is_traced(seq):
+  if not is_traced(seq):
     if not is_int(seq) and not (hasattr(seq, "shape") and np.asarray(seq).shape == () and
                                 jnp.issubdtype(np.asarray(seq).dtype, jnp.integer)):
       raise TypeError(f"seq must be an int, got {seq!r}")

@@ -25,7 +25,7 @@ def gather_pages(x: jax.Array, table: PageTable) -> jax.Array:
 
 
 def gather_selected_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None,
-                              scale=None, softcap=None) -> jax.Array:
+                              scale=None, softcap=None, return_lse=False):
   """Same contract as the reference: kv is a KVCache or a (k, v) pair of contiguous arrays."""
   if isinstance(kv, cache_lib.KVCache):
     k, v = cache_lib.read_table_pages(kv, table)
@@ -38,4 +38,4 @@ def gather_selected_attention(q, kv, table: PageTable, *, q_positions=None, sink
   return reference.attention(
       q, k, v, mask=flat(table.page_token_mask())[:, None, :], q_positions=q_positions,
       kv_positions=flat(table.token_positions()), causal=True, sinks=sinks, scale=scale,
-      softcap=softcap)
+      softcap=softcap, return_lse=return_lse)

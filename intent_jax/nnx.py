@@ -4,7 +4,8 @@
 batch of prompts of different lengths (dense causal attention over the prompt) and decodes 1..8
 tokens a step, reading from its KV store:
   * a paged `cache.KVCache`: decode attends exactly the tokens of a routed `PageTable`, each page in
-    its stored precision (`attention.decode_attention`);
+    its stored precision (`attention.decode_attention`); a `sharded.ShardedKVCache` does the same
+    over a mesh (kv heads and pages split; the layer's parameters are not);
   * a `DenseKV`: plain contiguous K/V and dense attention over every stored token, the baseline the
     routed layer is checked against.
 The layer holds parameters only; the KV store goes in and comes out of every call (pure state
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from intent_jax import attention as attention_lib
-from intent_jax import cache as cache_lib
+from intent_jax import sharded
 from intent_jax.page_table import PageTable
 
 
@@ -111,15 +112,15 @@ class IntentAttention(nnx.Module):
 
     Args:
       x: [batch, tokens, in_features].
-      kv: cache.KVCache or DenseKV holding the batch's earlier tokens; None at prefill stores
-        nothing (training).
+      kv: cache.KVCache, sharded.ShardedKVCache or DenseKV holding the batch's earlier tokens;
+        None at prefill stores nothing (training).
       lengths: i32[batch], how many of the tokens are real: the prompt lengths at prefill (the
         sequences must be empty), the tokens to append at decode (default all).
       table: decode over a KVCache: the PageTable routed for the lengths after this step, or a
         function (q, kv) -> PageTable that routes inside the step from this layer's queries
         [batch, tokens, num_heads, head_dim] and the cache holding the new tokens.
       decode: prefill or decode.
-      implementation: decode_attention's implementation (KVCache only).
+      implementation: decode_attention's implementation (paged caches only).
 
     Returns:
       (y [batch, tokens, in_features], the KV store holding the new tokens too).
@@ -129,17 +130,17 @@ class IntentAttention(nnx.Module):
     if not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
       q, k, v = self._project(x, positions)
-      if isinstance(kv, cache_lib.KVCache):
-        kv = cache_lib.prefill(kv, k, v, lengths)
+      if isinstance(kv, sharded.PAGED_CACHES):
+        kv = sharded.cache_functions(kv).prefill(kv, k, v, lengths)
       elif kv is not None:
         kv = kv.write(k, v, lengths)
       return self._output(_dense_attention(q, k, v, positions, lengths)), kv
     positions = kv.lengths[:, None] + jnp.arange(tokens, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
-    if isinstance(kv, cache_lib.KVCache):
+    if isinstance(kv, sharded.PAGED_CACHES):
       if table is None:
         raise ValueError("decode over a KVCache needs the routed table")
-      kv = cache_lib.append(kv, k, v, lengths)
+      kv = sharded.cache_functions(kv).append(kv, k, v, lengths)
       if callable(table):
         table = table(q, kv)
       out = attention_lib.decode_attention(q, kv, table, q_positions=positions,

@@ -45,7 +45,7 @@ def check_attention_args(q, k, v, *, sinks=None, q_positions=None) -> None:
 
 
 def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal=False,
-              sinks=None, scale=None, softcap=None) -> jax.Array:
+              sinks=None, scale=None, softcap=None, return_lse=False):
   """Masked GQA attention, the definition every implementation must match.
 
   Args:
@@ -59,10 +59,13 @@ def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal
       (attends to nothing). Not soft-capped.
     scale: logit scale; default 1 / sqrt(head_dim).
     softcap: optional c > 0; logits become c * tanh(logits / c).
+    return_lse: also return the log of each row's softmax denominator.
 
   Returns:
     [batch, q_len, num_q_heads, head_dim] in q.dtype. A query row with nothing to attend
-    returns zeros.
+    returns zeros. With return_lse, also f32[batch, q_len, num_q_heads]: log-sum-exp of the
+    row's visible logits (and sink), -inf where there is none; `merge_partials` combines such
+    pairs from disjoint key sets.
   """
   check_attention_args(q, k, v, sinks=sinks, q_positions=q_positions)
   batch, q_len, num_q_heads, head_dim = q.shape
@@ -98,13 +101,45 @@ def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal
   if sinks is not None:
     denominator = denominator + jnp.exp(sink - row_max)
   out = jnp.einsum("bhgqs,bshd->bqhgd", weights, v.astype(jnp.float32), precision=_HIGHEST)
-  denominator = jnp.where(denominator > 0, denominator, 1.0)
-  out = out / jnp.moveaxis(denominator, 3, 1)[..., None]
-  return out.reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
+  out = out / jnp.moveaxis(jnp.where(denominator > 0, denominator, 1.0), 3, 1)[..., None]
+  out = out.reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
+  if not return_lse:
+    return out
+  lse = jnp.where(denominator > 0, row_max + jnp.log(denominator), -jnp.inf)
+  return out, jnp.moveaxis(lse, 3, 1).reshape(batch, q_len, num_q_heads)
+
+
+def merge_partials(outs, lses, *, sinks=None, return_lse=False):
+  """Attention over the union of disjoint key sets, from each set's (out, lse).
+
+  Args:
+    outs: [parts, batch, q_len, num_q_heads, head_dim], each part's attention output.
+    lses: f32[parts, batch, q_len, num_q_heads], each part's log-sum-exp (`attention`'s
+      return_lse), -inf for a part with nothing visible.
+    sinks: optional f32[num_q_heads] sink logits, counted once (the parts must have none).
+    return_lse: also return the merged log-sum-exp.
+
+  Returns:
+    f32[batch, q_len, num_q_heads, head_dim]; zeros where no part sees anything. With
+    return_lse, also f32[batch, q_len, num_q_heads].
+  """
+  top = jnp.max(lses, axis=0)
+  if sinks is not None:
+    top = jnp.maximum(top, sinks.astype(jnp.float32))
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = jnp.exp(lses - top)  # exp(-inf) = 0 for empty parts.
+  denominator = jnp.sum(weights, axis=0)
+  if sinks is not None:
+    denominator = denominator + jnp.exp(sinks.astype(jnp.float32) - top)
+  numerator = jnp.sum(weights[..., None] * outs.astype(jnp.float32), axis=0)
+  out = numerator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+  if not return_lse:
+    return out
+  return out, jnp.where(denominator > 0, top + jnp.log(denominator), -jnp.inf)
 
 
 def selected_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=None, scale=None,
-                       softcap=None) -> jax.Array:
+                       softcap=None, return_lse=False):
   """Attention of q over exactly the tokens `table` selects from contiguous k, v.
 
   Decode attention is causal by position: q_positions default to the last q_len positions of
@@ -115,11 +150,11 @@ def selected_attention(q, k, v, table: PageTable, *, q_positions=None, sinks=Non
     q_positions = table.query_positions(q_len)
   return attention(q, k, v, mask=token_mask(table, k.shape[1])[:, None, :],
                    q_positions=q_positions, causal=True, sinks=sinks, scale=scale,
-                   softcap=softcap)
+                   softcap=softcap, return_lse=return_lse)
 
 
 def paged_attention(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None, sinks=None,
-                    scale=None, softcap=None) -> jax.Array:
+                    scale=None, softcap=None, return_lse=False):
   """Attention of q over exactly the tokens `table` selects, read from a paged cache.
 
   Every page is dequantized from the precision it is stored in (not the one the table asks for),
@@ -128,4 +163,4 @@ def paged_attention(q, cache: cache_lib.KVCache, table: PageTable, *, q_position
   """
   k, v = cache_lib.dequantized_kv(cache)
   return selected_attention(q, k, v, table, q_positions=q_positions, sinks=sinks, scale=scale,
-                            softcap=softcap)
+                            softcap=softcap, return_lse=return_lse)

@@ -29,6 +29,7 @@ import numpy as np
 from intent_jax.layout import BlockLayout, BlockPolicy, FORCED_POLICIES
 from intent_jax import cache as cache_lib
 from intent_jax import scoring
+from intent_jax import sharded
 from intent_jax.layout import token_block_ids
 from intent_jax.page_table import PageTable, pack_bits
 from intent_jax.precision import NUM_PRECISIONS, Precision
@@ -300,7 +301,8 @@ def _route(starts, ends, policies, scores, valid, seq_lens, memory_pressure, pag
 @functools.partial(jax.jit, static_argnames=("num_pages",))
 def _query_page_scores(query, cache, *, num_pages: int):
   """f32[batch, num_pages]: `scoring.page_scores`, cut or padded (-inf) to the layout's pages."""
-  page_scores = scoring.page_scores(query, cache)[:, :num_pages]
+  score = sharded.page_scores if isinstance(cache, sharded.ShardedKVCache) else scoring.page_scores
+  page_scores = score(query, cache)[:, :num_pages]
   missing = num_pages - page_scores.shape[1]
   return jnp.pad(page_scores, ((0, 0), (0, missing)), constant_values=-jnp.inf)
 
@@ -332,7 +334,8 @@ def route(
     scores: optional f32[batch, max_blocks], overrides the layout's scores (dynamic scoring).
     memory_pressure: optional f32 scalar or f32[batch], overrides config.memory_pressure.
     query: [batch, q_len, num_q_heads, head_dim], the step's queries; needs `cache`.
-    cache: the cache.KVCache the query attends (same page_size as `config`).
+    cache: the cache.KVCache the query attends (same page_size as `config`), or a
+      sharded.ShardedKVCache (each device bounds its own pages; one small collective).
     budget: pages per table in query mode, forced pages included: int, i32 scalar or i32[batch]
       (traced: changing it does not retrace). Default: the table's capacity. Forced pages are
       kept even past the budget.
@@ -392,8 +395,9 @@ def _query_mode_inputs(layout, config, query, cache, budget, page_scores):
   else:
     if query is None or cache is None:
       raise ValueError("query mode needs both query and cache")
-    if not isinstance(cache, cache_lib.KVCache):
-      raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+    if not isinstance(cache, (cache_lib.KVCache, sharded.ShardedKVCache)):
+      raise TypeError(
+          f"cache must be a cache.KVCache or sharded.ShardedKVCache, got {type(cache).__name__}")
     if cache.config.page_size != config.page_size or cache.config.max_seqs != batch:
       raise ValueError(
           f"cache must have page_size={config.page_size} and max_seqs={batch} like the router"

@@ -138,7 +138,12 @@ def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
   (an oracle: it reads every key).
   """
   per_head = page_max_logits if exact else page_upper_bounds
-  bounds = per_head(q, cache, scale=scale)  # [batch, pages, kv_heads]
+  return head_relative_scores(per_head(q, cache, scale=scale))
+
+
+def head_relative_scores(bounds: jax.Array) -> jax.Array:
+  """f32[batch, pages] from per-head page values f32[batch, pages, kv_heads] (-inf: no page):
+  each head's value minus the head's best, maximum over heads (see `page_scores`)."""
   best = jnp.max(bounds, axis=1, keepdims=True)
   relative = jnp.where(jnp.isfinite(bounds), bounds - jnp.where(jnp.isfinite(best), best, 0.0),
                        -jnp.inf)

@@ -2,6 +2,7 @@
 
 import enum
 
+import jax
 import numpy as np
 
 
@@ -29,3 +30,8 @@ def as_enum(cls: type[enum.IntEnum], value, name: str):
     raise ValueError(
         f"{name}={value!r} is not a {cls.__name__}; expected one of"
         f" {[member.name for member in cls]}") from None
+
+
+def is_traced(*xs) -> bool:
+  """Whether any leaf of xs is a tracer (the caller runs inside jit)."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))

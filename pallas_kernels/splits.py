@@ -1,37 +1,48 @@
 """Flash-decoding splits: merging the partial results of the kernels' programs.
 
 A program that attends part of a sequence's keys writes, per query row, its running maximum logit
-`m`, its softmax denominator `l` (relative to m) and its unnormalized output `acc`. `combine` merges
-the splits of every (sequence, kv head) by log-sum-exp, adds the per-head sink logits to the
-denominator, and returns the attention output.
+`m`, its softmax denominator `l` (relative to m) and its unnormalized output `acc`. `combine` turns
+each split into an (output, log-sum-exp) pair and merges them with `reference.merge_partials`,
+where the per-head sink logits join the denominator.
 """
 
 import jax.numpy as jnp
 
+from intent_jax import reference
+
 MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
 
 
-def combine(partials, q_shape, num_kv_heads: int, *, sinks=None):
+def combine(partials, q_shape, num_kv_heads: int, *, sinks=None, return_lse=False):
   """Log-sum-exp over the splits' partial results; the sinks join the denominator.
 
-  Returns f32[batch, q_len, num_q_heads, head_dim].
+  Args:
+    partials: (m, l, acc[, acc_low, acc_high]): m, l f32[batch, kv_heads, splits, rows], acc
+      f32[batch, kv_heads, splits, rows, head_dim] (or two halves of it); row g * q_len + t is
+      query head g of the group at query token t; rows past group * q_len are padding.
+    q_shape: (batch, q_len, num_q_heads, head_dim).
+    num_kv_heads: kv heads.
+    sinks: optional f32[num_q_heads].
+    return_lse: also return the merged log-sum-exp f32[batch, q_len, num_q_heads].
+
+  Returns:
+    f32[batch, q_len, num_q_heads, head_dim] (and the log-sum-exp with return_lse).
   """
   m, l, acc, *halves = partials
   if halves:
     acc = acc + jnp.concatenate(halves, axis=-1)
-  batch, q_len, num_q_heads, head_dim = q_shape
+  batch, q_len, num_q_heads, _ = q_shape
   group = num_q_heads // num_kv_heads
-  used_rows, rows = group * q_len, m.shape[-1]
-  top = jnp.max(m, axis=2)  # [batch, kv heads, rows]
-  if sinks is not None:
-    sink_rows = jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, group), q_len, axis=1)
-    sink_rows = jnp.pad(sink_rows, ((0, 0), (0, rows - used_rows)), constant_values=MASK_VALUE)
-    top = jnp.maximum(top, sink_rows[None])
-  weight = jnp.exp(m - top[:, :, None])
-  numerator = jnp.sum(acc * weight[..., None], axis=2)
-  denominator = jnp.sum(l * weight, axis=2)
-  if sinks is not None:
-    denominator = denominator + jnp.exp(sink_rows[None] - top)
-  out = numerator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
-  out = out[:, :, :used_rows].reshape(batch, num_kv_heads, group, q_len, head_dim)
-  return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, num_q_heads, head_dim)
+  num_splits = m.shape[2]
+
+  def by_split(x):  # [batch, kv heads, splits, rows, *tail] -> [splits, batch, q_len, heads, *tail]
+    tail = x.shape[4:]
+    x = x[:, :, :, :group * q_len].reshape(batch, num_kv_heads, num_splits, group, q_len, *tail)
+    x = jnp.moveaxis(x, (2, 4), (0, 2))  # [splits, batch, q_len, kv heads, group, *tail]
+    return x.reshape(num_splits, batch, q_len, num_q_heads, *tail)
+
+  seen = l > 0
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+  out = acc / jnp.where(seen, l, 1.0)[..., None]
+  return reference.merge_partials(by_split(out), by_split(lse), sinks=sinks,
+                                  return_lse=return_lse)

@@ -1,8 +1,8 @@
 """A small Llama-style decoder in Flax NNX over intent-routed KV caches.
 
 RMSNorm, rotary embeddings, SwiGLU, GQA; tied or untied embeddings. The model holds parameters; the
-per-layer KV stores (a tuple of `cache.KVCache`, or of `nnx.DenseKV` for the dense baseline) go in
-and come out of each call.
+per-layer KV stores (a tuple of `cache.KVCache`, of `sharded.ShardedKVCache` split over a mesh, or
+of `nnx.DenseKV` for the dense baseline) go in and come out of each call.
 """
 
 import dataclasses
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
+from intent_jax import sharded
 from intent_jax.nnx import DenseKV, IntentAttention
 from intent_jax.validation import require_positive_ints
 
@@ -134,12 +135,22 @@ class Decoder(nnx.Module):
 
 
 def create_caches(config: DecoderConfig, *, max_seqs: int, max_seq_len: int, page_size: int = 16,
-                  pool_pages=None, dtype: str = "bfloat16") -> tuple[cache_lib.KVCache, ...]:
-  """One paged KV cache per layer (see cache.CacheConfig for pool_pages and dtype)."""
+                  pool_pages=None, dtype: str = "bfloat16", mesh=None,
+                  partition: sharded.Partition | None = None) -> tuple:
+  """One paged KV cache per layer (see cache.CacheConfig for pool_pages and dtype).
+
+  With a mesh, sharded.ShardedKVCaches split as `partition` says (pool_pages are then the
+  totals over the page shards); without, single-device cache.KVCaches.
+  """
   cache_config = cache_lib.CacheConfig(
       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, max_seqs=max_seqs,
       max_seq_len=max_seq_len, page_size=page_size, pool_pages=pool_pages, dtype=dtype)
-  return tuple(cache_lib.create(cache_config) for _ in range(config.num_layers))
+  if mesh is None:
+    if partition is not None:
+      raise ValueError("partition needs a mesh")
+    return tuple(cache_lib.create(cache_config) for _ in range(config.num_layers))
+  partition = sharded.Partition() if partition is None else partition
+  return tuple(sharded.create(cache_config, mesh, partition) for _ in range(config.num_layers))
 
 
 def create_dense_kvs(config: DecoderConfig, *, batch: int, max_seq_len: int,

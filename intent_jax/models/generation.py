@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from intent_jax import cache as cache_lib
+from intent_jax import sharded
 from intent_jax import layout as layout_lib
 from intent_jax import router
 from intent_jax.models.decoder import Decoder
@@ -87,7 +87,7 @@ def decode_step(graphdef, params, kvs, tokens, counts, table=None, implementatio
 
 def _route(layout, lengths, kvs, router_config):
   return router.route(layout, lengths, router_config,
-                      memory_pressure=cache_lib.memory_pressure(kvs[0]))
+                      memory_pressure=sharded.cache_functions(kvs[0]).memory_pressure(kvs[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "router_config", "sampling",
@@ -110,7 +110,7 @@ def decode_chunk(graphdef, params, kvs, last, done, limits, layout, key, *, step
     (kvs, last, done, layout, tokens i32[batch, steps]).
   """
   model = nnx.merge(graphdef, params)
-  routed = isinstance(kvs[0], cache_lib.KVCache)
+  routed = isinstance(kvs[0], sharded.PAGED_CACHES)
 
   def step(carry, step_key):
     kvs, last, done, layout = carry
@@ -152,7 +152,8 @@ def generate(model: Decoder, prompts, prompt_lengths, kvs: tuple, *, max_new_tok
   Args:
     model: the decoder.
     prompts: i32[batch, tokens], padded; prompt_lengths: i32[batch].
-    kvs: empty per-layer stores (the caches are donated): KVCaches route every decode step;
+    kvs: empty per-layer stores (the caches are donated): KVCaches (or ShardedKVCaches, split
+      over a mesh) route every decode step;
       DenseKVs attend every token (the dense baseline).
     max_new_tokens: tokens to generate per sequence (prompt length + this <= the stores' capacity).
     layout: the batch's BlockLayout (routed mode; default: no blocks, every token attended).
@@ -165,7 +166,7 @@ def generate(model: Decoder, prompts, prompt_lengths, kvs: tuple, *, max_new_tok
   """
   batch = prompts.shape[0]
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-  capacity = (kvs[0].config.max_seq_len if isinstance(kvs[0], cache_lib.KVCache) else
+  capacity = (kvs[0].config.max_seq_len if isinstance(kvs[0], sharded.PAGED_CACHES) else
               kvs[0].k.shape[1])
   longest = int(jnp.max(prompt_lengths))
   if longest + max_new_tokens > capacity:
@@ -175,7 +176,7 @@ def generate(model: Decoder, prompts, prompt_lengths, kvs: tuple, *, max_new_tok
   if sampling.temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs a PRNG key")
   key = jax.random.key(0) if key is None else key
-  routed = isinstance(kvs[0], cache_lib.KVCache)
+  routed = isinstance(kvs[0], sharded.PAGED_CACHES)
   if routed:
     router_config = router_config or router.RouterConfig(page_size=kvs[0].config.page_size)
     if layout is None:
@@ -187,7 +188,7 @@ def generate(model: Decoder, prompts, prompt_lengths, kvs: tuple, *, max_new_tok
   logits, kvs = prefill(graphdef, params, kvs, prompts, prompt_lengths)
   if routed:  # Store the prompt's pages in the precisions the router gives them.
     table = _route(layout, prompt_lengths, kvs, router_config)
-    kvs = tuple(cache_lib.apply_precision(cache, table) for cache in kvs)
+    kvs = tuple(sharded.cache_functions(cache).apply_precision(cache, table) for cache in kvs)
   key, first_key = jax.random.split(key)
   last = sample(logits, first_key, sampling)
   done = jnp.zeros(batch, bool) if sampling.eos_id is None else last == sampling.eos_id

@@ -165,9 +165,10 @@ def _sorted_entries(cache, table, capacity: int):
 
 
 def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
-                         sinks=None, scale=None, softcap=None, interpret: bool = False,
+                         sinks=None, scale=None, softcap=None, return_lse: bool = False,
+                         interpret: bool = False,
                          num_splits: int | None = None, poison: bool = False,
-                         blocks: tuned_block_sizes.GpuDecodeBlocks | None = None) -> jax.Array:
+                         blocks: tuned_block_sizes.GpuDecodeBlocks | None = None):
   """Decode attention of q over the table's tokens, read from the paged cache.
 
   Args:
@@ -176,6 +177,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     table: PageTable routed for the cache's lengths.
     q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
     sinks: optional f32[num_q_heads]; scale: default 1/sqrt(head_dim); softcap: optional.
+    return_lse: also return the rows' log-sum-exp f32[batch, q_len, num_q_heads] (see
+      `reference.attention`).
     interpret: run the kernel in Pallas interpret mode (CPU tests).
     num_splits: splits per sequence; default from the shape (tuned_block_sizes).
     poison: start the kernel's outputs as NaN (aliased buffers), so a block it fails to write
@@ -183,7 +186,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     blocks: tiling; default from tuned_block_sizes for the page size.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible.
+    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible (and the
+    log-sum-exp with return_lse).
   """
   static_validate_inputs(q, cache, table)
   blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[table.page_size]
@@ -197,8 +201,11 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
-  return splits.combine(partials, q.shape, cache.config.num_kv_heads,
-                        sinks=sinks).astype(q.dtype)
+  out = splits.combine(partials, q.shape, cache.config.num_kv_heads,
+                       sinks=sinks, return_lse=return_lse)
+  if return_lse:
+    return out[0].astype(q.dtype), out[1]
+  return out.astype(q.dtype)
 
 
 def prepare(q, cache, table, q_positions, pages_per_block):

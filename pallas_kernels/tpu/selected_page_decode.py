@@ -236,9 +236,10 @@ def _kernel(bounds_ref, run_ends_ref, slots_ref, q_ref, q_pos_ref, positions_ref
 
 
 def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
-                         sinks=None, scale=None, softcap=None, interpret: bool = False,
+                         sinks=None, scale=None, softcap=None, return_lse: bool = False,
+                         interpret: bool = False,
                          num_splits: int | None = None,
-                         pages_per_block: int | None = None) -> jax.Array:
+                         pages_per_block: int | None = None):
   """Decode attention of q over the table's tokens, read from the paged cache, on TPU.
 
   Args:
@@ -247,12 +248,15 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     table: PageTable routed for the cache's lengths.
     q_positions: i32[batch, q_len]; default the last q_len positions of each sequence.
     sinks: optional f32[num_q_heads]; scale: default 1/sqrt(head_dim); softcap: optional.
+    return_lse: also return the rows' log-sum-exp f32[batch, q_len, num_q_heads] (see
+      `reference.attention`).
     interpret: run in Pallas's TPU interpret mode (CPU tests).
     num_splits: splits per sequence; default from the shape (tuned_block_sizes).
     pages_per_block: pages per DMA block; default from tuned_block_sizes.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible.
+    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible (and the
+    log-sum-exp with return_lse).
   """
   static_validate_inputs(q, cache, table)
   cfg = cache.config
@@ -308,5 +312,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
       interpret=pltpu.InterpretParams() if interpret else False,
       name="selected_page_decode_tpu",
   )(bounds, run_ends, slots, q_rows, row_positions, positions, *pool_arrays)
-  return splits.combine((m[..., 0], l[..., 0], acc), q.shape, cfg.num_kv_heads,
-                        sinks=sinks).astype(q.dtype)
+  out = splits.combine((m[..., 0], l[..., 0], acc), q.shape, cfg.num_kv_heads,
+                       sinks=sinks, return_lse=return_lse)
+  if return_lse:
+    return out[0].astype(q.dtype), out[1]
+  return out.astype(q.dtype)
