@@ -12,9 +12,14 @@ time; "% copy" is that over the copy ceiling measured in the same run. With --ch
 library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
 first, so unwritten blocks show).
 
+With --mesh (heads x pages, e.g. 1x2,2x1), the first selection's BF16 and mixed tables also run on
+a `sharded.ShardedKVCache` over that many devices: the step time (LSE merge included) beside the
+one-device row of the same table, and the bytes each device reads (the largest share).
+
   python -m benchmarks.decode_bench --shapes=1x131072,8x32768 --json_out=/tmp/decode.json
 """
 
+import dataclasses
 import functools
 
 from absl import app
@@ -33,6 +38,7 @@ from intent_jax import gather_attention
 from intent_jax import reference
 from intent_jax import router
 from intent_jax import scoring
+from intent_jax import sharded
 from intent_jax import traces
 from intent_jax.precision import Precision
 
@@ -48,6 +54,7 @@ _TRACES = flags.DEFINE_bool("traces", False, "Also route the synthetic agentic t
 _QUERY_SELECTION = flags.DEFINE_bool(
     "query_selection", True, "Also time query-aware page selection (scoring.page_scores, then "
     "route with a budget of the first selection's pages) on the agentic trace layout.")
+_MESH = flags.DEFINE_list("mesh", [], "Mesh shapes, heads x pages devices, for sharded rows.")
 _PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
@@ -78,6 +85,42 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
     extra = {} if kernel_seconds is None else dict(pct_of_kernel=100 * seconds / kernel_seconds)
     record(name, batch, num_tokens, page_size, str(fraction), "bounds", seconds, bounds_bytes, 0,
            **extra)
+
+
+def sharded_decode(record, q, cache, table, selection, storage, one_device_seconds, measure):
+  """Times decode over `cache`'s pages split over each --mesh shape; bytes are the largest
+  device's share."""
+  c = cache.config
+  stored, _ = cache_lib.lookup(cache, table)
+  as_stored = dataclasses.replace(table, precisions=stored)
+  k, v = cache_lib.dequantized_kv(cache)  # Re-quantizing these gives the same pages again.
+  decode = jax.jit(functools.partial(attention.decode_attention,
+                                     implementation=_IMPLEMENTATION.value))
+  for shape in _MESH.value:
+    heads, pages = map(int, shape.split("x"))
+    if heads * pages > jax.device_count():
+      print(f"mesh {shape}: needs {heads * pages} devices, {jax.device_count()} present")
+      continue
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:heads * pages]).reshape(heads, pages),
+                             ("heads", "pages"))
+    split = sharded.create(c, mesh, sharded.Partition(heads="heads", pages="pages"))
+    split = sharded.prefill(split, k.astype(c.dtype), v.astype(c.dtype), cache.lengths)
+    split = sharded.apply_precision(split, table)
+    device_bytes = max(
+        float(jnp.sum(cost.routed_kv_bytes(
+            sharded.local_table(as_stored, pages, s, table.max_pages), c.num_kv_heads // heads,
+            c.head_dim)))
+        for s in range(pages))
+    extra = dict(devices=heads * pages, mesh=shape)
+    if _CHECK.value:
+      extra["rel_err"] = report.relative_error(decode(q, split, table),
+                                               reference.paged_attention(q, cache, table))
+    seconds = measure(decode, q, split, table)
+    extra["speedup_vs_one_device"] = one_device_seconds / seconds
+    keys = int(jnp.sum(table.num_pages)) * c.page_size // c.max_seqs // (heads * pages)
+    record(f"intent_jax {_IMPLEMENTATION.value} sharded", c.max_seqs, c.max_seq_len, c.page_size,
+           selection, storage, seconds, device_bytes, keys, **extra)
+    del split
 
 
 def main(argv):
@@ -155,6 +198,8 @@ def main(argv):
                    storage, seconds, nbytes, keys, **extra)
           if s_index == 0 and storage == "bf16":
             kernel_seconds, selection_cache = seconds, cache
+          if s_index == 0 and storage in ("bf16", "mixed") and seconds is not None:
+            sharded_decode(record, q, cache, table, selection, storage, seconds, measure)
           if _PEERS.value and storage == "bf16":
             pool = cache.pools[Precision.BF16]
             peer = (decode_inputs.jax_tpu_paged_attention if jax.default_backend() == "tpu"

@@ -63,9 +63,9 @@ def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal
 
   Returns:
     [batch, q_len, num_q_heads, head_dim] in q.dtype. A query row with nothing to attend
-    returns zeros. With return_lse, also f32[batch, q_len, num_q_heads]: log-sum-exp of the
-    row's visible logits (and sink), -inf where there is none; `merge_partials` combines such
-    pairs from disjoint key sets.
+    returns zeros. With return_lse: (the output in float32, for merging, and f32[batch, q_len,
+    num_q_heads], the log-sum-exp of the row's visible logits and sink, -inf where there is
+    none); `merge_partials` combines such pairs from disjoint key sets.
   """
   check_attention_args(q, k, v, sinks=sinks, q_positions=q_positions)
   batch, q_len, num_q_heads, head_dim = q.shape
@@ -102,9 +102,9 @@ def attention(q, k, v, *, mask=None, q_positions=None, kv_positions=None, causal
     denominator = denominator + jnp.exp(sink - row_max)
   out = jnp.einsum("bhgqs,bshd->bqhgd", weights, v.astype(jnp.float32), precision=_HIGHEST)
   out = out / jnp.moveaxis(jnp.where(denominator > 0, denominator, 1.0), 3, 1)[..., None]
-  out = out.reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
+  out = out.reshape(batch, q_len, num_q_heads, head_dim)
   if not return_lse:
-    return out
+    return out.astype(q.dtype)
   lse = jnp.where(denominator > 0, row_max + jnp.log(denominator), -jnp.inf)
   return out, jnp.moveaxis(lse, 3, 1).reshape(batch, q_len, num_q_heads)
 

@@ -62,6 +62,33 @@ class AttentionTest(parameterized.TestCase):
     np.testing.assert_allclose(out, spec.dense_attention(q, k, v, visible), rtol=1e-5,
                                atol=1e-6)
 
+  @parameterized.parameters(False, True)
+  def test_merge_partials_of_disjoint_key_sets_is_the_whole(self, with_sinks):
+    """Attention over 3 disjoint key sets (some rows empty in some sets), merged by their
+    log-sum-exp, equals attention over their union; the sinks join once, at the merge."""
+    q, k, v = _qkv(jax.random.key(7), 2, 3, 4, 2, 30)
+    rng = np.random.default_rng(7)
+    part_of_key = rng.integers(0, 3, size=(2, 3, 30))
+    part_of_key[0, 1] = 0  # Row (0, 1): only part 0 sees anything.
+    visible = rng.random((2, 3, 30)) < 0.7
+    sinks = jnp.asarray(rng.normal(size=4), jnp.float32) if with_sinks else None
+    outs, lses = zip(*(reference.attention(q, k, v, mask=jnp.asarray(visible & (part_of_key == p)),
+                                           return_lse=True) for p in range(3)))
+    self.assertTrue(np.all(np.isneginf(lses[1][0, 1])))
+    merged = reference.merge_partials(jnp.stack(outs), jnp.stack(lses), sinks=sinks)
+    whole, whole_lse = reference.attention(q, k, v, mask=jnp.asarray(visible), sinks=sinks,
+                                           return_lse=True)
+    np.testing.assert_allclose(merged, whole, rtol=1e-5, atol=1e-6)
+    logits = np.einsum("bqhd,bshd->bhqs", np.asarray(q, np.float64),
+                       np.repeat(np.asarray(k, np.float64), 2, axis=2)) * HEAD_DIM**-0.5
+    logits = np.where(visible[:, None], logits, -np.inf)
+    if with_sinks:
+      logits = np.concatenate([logits, np.broadcast_to(
+          np.asarray(sinks, np.float64)[None, :, None, None], logits.shape[:3] + (1,))], -1)
+    top = logits.max(-1, keepdims=True)
+    expected_lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    np.testing.assert_allclose(whole_lse, np.moveaxis(expected_lse, 1, 2), rtol=1e-5)
+
   def test_keeps_dtype(self):
     q, k, v = _qkv(jax.random.key(1), 1, 1, 4, 2, 8, jnp.bfloat16)
     self.assertEqual(reference.attention(q, k, v).dtype, jnp.bfloat16)

@@ -58,6 +58,18 @@ class SelectedPageDecodeTest(parameterized.TestCase):
       out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
       self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
 
+  def test_return_lse_matches_oracle(self):
+    """What sharded decode merges: float32 output and log-sum-exp, over 3 splits."""
+    cache, table = spec.kernel_case(5, num_kv_heads=2, head_dim=32, page_size=16,
+                                    dtype="float32", pressure=0.4, eight_bit=INT8, recent=24)
+    q = jax.random.normal(jax.random.key(5), (BATCH, 2, 4, 32), jnp.bfloat16)
+    out, lse = kernel.selected_page_decode(q, cache, table, interpret=True, num_splits=3,
+                                           return_lse=True)
+    want_out, want_lse = reference.paged_attention(q, cache, table, return_lse=True)
+    self.assertEqual(out.dtype, jnp.float32)
+    np.testing.assert_allclose(out, want_out, rtol=2e-2, atol=2e-2)  # bf16 matmul inputs.
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-2, atol=1e-2)
+
   @parameterized.parameters(False, True)
   def test_nothing_selected_gives_zeros(self, with_sinks):
     cache, table = spec.kernel_case(0, num_kv_heads=2, head_dim=32, page_size=16,

@@ -56,6 +56,17 @@ class TpuKernelTest(parameterized.TestCase):
       out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
       self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
 
+  def test_return_lse_matches_oracle(self):
+    """What sharded decode merges: float32 output and log-sum-exp."""
+    cache, table = spec.kernel_case(8, num_kv_heads=2, head_dim=128, page_size=32,
+                                    dtype="float32", pressure=0.3, eight_bit=FP8, recent=24,
+                                    formats=(B16, FP8))
+    q = jax.random.normal(jax.random.key(8), (BATCH, 2, 4, 128))
+    out, lse = kernel.selected_page_decode(q, cache, table, interpret=True, return_lse=True)
+    want_out, want_lse = reference.paged_attention(q, cache, table, return_lse=True)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+
   def test_nothing_selected_gives_zeros(self):
     cache, _ = spec.kernel_case(0, num_kv_heads=1, head_dim=128, page_size=16, dtype="float32",
                                 pressure=0.0, eight_bit=INT8, recent=0, formats=(B16,))

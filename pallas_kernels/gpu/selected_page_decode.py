@@ -186,8 +186,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     blocks: tiling; default from tuned_block_sizes for the page size.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible (and the
-    log-sum-exp with return_lse).
+    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible. With
+    return_lse, the output in float32 and its log-sum-exp (as `reference.attention`).
   """
   static_validate_inputs(q, cache, table)
   blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[table.page_size]
@@ -203,9 +203,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
   out = splits.combine(partials, q.shape, cache.config.num_kv_heads,
                        sinks=sinks, return_lse=return_lse)
-  if return_lse:
-    return out[0].astype(q.dtype), out[1]
-  return out.astype(q.dtype)
+  return out if return_lse else out.astype(q.dtype)
 
 
 def prepare(q, cache, table, q_positions, pages_per_block):

@@ -255,8 +255,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     pages_per_block: pages per DMA block; default from tuned_block_sizes.
 
   Returns:
-    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible (and the
-    log-sum-exp with return_lse).
+    [batch, q_len, num_q_heads, head_dim] in q.dtype; zeros where nothing is visible. With
+    return_lse, the output in float32 and its log-sum-exp (as `reference.attention`).
   """
   static_validate_inputs(q, cache, table)
   cfg = cache.config
@@ -314,6 +314,4 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   )(bounds, run_ends, slots, q_rows, row_positions, positions, *pool_arrays)
   out = splits.combine((m[..., 0], l[..., 0], acc), q.shape, cfg.num_kv_heads,
                        sinks=sinks, return_lse=return_lse)
-  if return_lse:
-    return out[0].astype(q.dtype), out[1]
-  return out.astype(q.dtype)
+  return out if return_lse else out.astype(q.dtype)
