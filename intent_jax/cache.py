@@ -154,7 +154,8 @@ class KVCache:
   config: CacheConfig
 
 
-def _empty_pool(config: CacheConfig, precision: Precision) -> Pool:
+def empty_pool(config: CacheConfig, precision: Precision) -> Pool:
+  """The pool of `precision` of an empty cache of `config`: every slot free."""
   n, h, ps, d = config.pool_pages[precision], config.num_kv_heads, config.page_size, config.head_dim
   stored_d = d // 2 if precision == Precision.INT4 else d
   dtype = config.dtype if precision == Precision.BF16 else quant.STORAGE_DTYPE[precision]
@@ -179,7 +180,7 @@ def create(config: CacheConfig) -> KVCache:
     raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
   unmapped = lambda: jnp.full((config.max_seqs, config.max_pages_per_seq), UNMAPPED, jnp.int32)
   return KVCache(  # Every field its own buffer: the jitted functions donate them.
-      pools=tuple(_empty_pool(config, p) for p in Precision),
+      pools=tuple(empty_pool(config, p) for p in Precision),
       page_pool=unmapped(),
       page_slot=unmapped(),
       lengths=jnp.zeros(config.max_seqs, jnp.int32),

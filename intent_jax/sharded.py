@@ -141,26 +141,49 @@ def cache_functions(cache):
   return sys.modules[__name__] if isinstance(cache, ShardedKVCache) else cache_lib
 
 
-def _shard_specs(shards: cache_lib.KVCache, partition: Partition):
-  """PartitionSpecs of a stacked cache: leading axis over pages, pool head axis over heads."""
+# What goes through shard_map is a cache without its empty pools (None in their place): they
+# hold nothing, and XLA's GPU compiler (jax 0.11.2) crashed on shard_map over a pool with no
+# pages. Each device rebuilds them from its config.
+
+
+def _without_empty_pools(cache: cache_lib.KVCache) -> cache_lib.KVCache:
+  return dataclasses.replace(cache, pools=tuple(
+      None if pool.free_slots.shape[-1] == 0 else pool for pool in cache.pools))
+
+
+def _with_pools_of(part: cache_lib.KVCache, shards: cache_lib.KVCache) -> cache_lib.KVCache:
+  """`part` with the empty pools of `shards` back in place."""
+  return dataclasses.replace(part, pools=tuple(
+      old if new is None else new for new, old in zip(part.pools, shards.pools)))
+
+
+def _shard_specs(part: cache_lib.KVCache, partition: Partition):
+  """PartitionSpecs of stacked shards without empty pools: leading axis over pages, pools' head
+  axis over heads."""
   by_shard = PartitionSpec(partition.pages)
   by_head = PartitionSpec(partition.pages, partition.heads)
   head_or_none = lambda x: None if x is None else by_head
   pools = tuple(
-      dataclasses.replace(pool, k=by_head, v=by_head, k_scale=head_or_none(pool.k_scale),
-                          v_scale=head_or_none(pool.v_scale), key_min=by_head, key_max=by_head,
-                          free_slots=by_shard, num_free=by_shard)
-      for pool in shards.pools)
-  return dataclasses.replace(shards, pools=pools, page_pool=by_shard, page_slot=by_shard,
+      None if pool is None else dataclasses.replace(
+          pool, k=by_head, v=by_head, k_scale=head_or_none(pool.k_scale),
+          v_scale=head_or_none(pool.v_scale), key_min=by_head, key_max=by_head,
+          free_slots=by_shard, num_free=by_shard)
+      for pool in part.pools)
+  return dataclasses.replace(part, pools=pools, page_pool=by_shard, page_slot=by_shard,
                              lengths=by_shard, overflow=by_shard)
 
 
-def _unstack(shards: cache_lib.KVCache) -> cache_lib.KVCache:
-  return jax.tree.map(lambda x: x[0], shards)
+def _unstack(part: cache_lib.KVCache) -> cache_lib.KVCache:
+  """This device's cache from its slice of the shards (inside shard_map)."""
+  local = jax.tree.map(lambda x: x[0], part)
+  return dataclasses.replace(local, pools=tuple(
+      cache_lib.empty_pool(local.config, precision) if pool is None else pool
+      for precision, pool in zip(Precision, local.pools)))
 
 
 def _stack(local: cache_lib.KVCache) -> cache_lib.KVCache:
-  return jax.tree.map(lambda x: x[None], local)
+  """This device's slice of the shards, without empty pools (inside shard_map)."""
+  return jax.tree.map(lambda x: x[None], _without_empty_pools(local))
 
 
 def _heads_spec(partition: Partition, rank: int, axis: int) -> PartitionSpec:
@@ -238,12 +261,17 @@ def create(config: cache_lib.CacheConfig, mesh: Mesh, partition: Partition) -> S
   if not isinstance(config, cache_lib.CacheConfig):
     raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
   local = local_config(config, mesh, partition)
-  specs = _shard_specs(jax.eval_shape(lambda: cache_lib.create(local)), partition)
-  make = jax.jit(jax.shard_map(lambda: _stack(cache_lib.create(local)), mesh=mesh, in_specs=(),
-                               out_specs=specs))
-  lengths = jax.device_put(jnp.zeros(config.max_seqs, jnp.int32),
-                           NamedSharding(mesh, PartitionSpec()))
-  return ShardedKVCache(make(), lengths, config, mesh, partition)
+  stacked = lambda: _stack(cache_lib.create(local))
+  make = jax.jit(jax.shard_map(stacked, mesh=mesh, in_specs=(),
+                               out_specs=_shard_specs(jax.eval_shape(stacked), partition)))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  num_shards = partition.shards(mesh)[1]
+  empty = jax.device_put(
+      jax.tree.map(lambda x: jnp.broadcast_to(x, (num_shards,) + x.shape), cache_lib.create(
+          dataclasses.replace(local, pool_pages=(1,) + (0,) * (len(Precision) - 1)))),
+      replicated)
+  lengths = jax.device_put(jnp.zeros(config.max_seqs, jnp.int32), replicated)
+  return ShardedKVCache(_with_pools_of(make(), empty), lengths, config, mesh, partition)
 
 
 def _my_tokens(k, lengths, counts, num_shards: int, shard, page_size: int):
@@ -283,13 +311,14 @@ def _write_shard(cache: ShardedKVCache, k, v, counts):
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write(cache: ShardedKVCache, k, v, counts) -> ShardedKVCache:
   kv_spec = _heads_spec(cache.partition, 4, 2)
-  specs = _shard_specs(cache.shards, cache.partition)
-  body = lambda shards, lengths, k, v, counts: _write_shard(
-      dataclasses.replace(cache, shards=shards, lengths=lengths), k, v, counts)
-  shards, lengths = _shard_map(
+  part = _without_empty_pools(cache.shards)
+  specs = _shard_specs(part, cache.partition)
+  body = lambda part, lengths, k, v, counts: _write_shard(
+      dataclasses.replace(cache, shards=part, lengths=lengths), k, v, counts)
+  part, lengths = _shard_map(
       body, cache, in_specs=(specs, PartitionSpec(), kv_spec, kv_spec, PartitionSpec()),
-      out_specs=(specs, PartitionSpec()))(cache.shards, cache.lengths, k, v, counts)
-  return dataclasses.replace(cache, shards=shards, lengths=lengths)
+      out_specs=(specs, PartitionSpec()))(part, cache.lengths, k, v, counts)
+  return dataclasses.replace(cache, shards=_with_pools_of(part, cache.shards), lengths=lengths)
 
 
 @jax.jit
@@ -298,8 +327,8 @@ def _write_plan(cache: ShardedKVCache, counts):
   demand i32[P, B], free i32[P, B]: BF16 slots left after the sequences before)."""
   ps, partition = cache.config.page_size, cache.partition
 
-  def body(shards, lengths, counts):
-    local = _unstack(shards)
+  def body(part, lengths, counts):
+    local = _unstack(part)
     shard = _page_shard_index(partition)
     start = local_length(lengths, cache.num_page_shards, shard, ps)
     mine = local_length(lengths + counts, cache.num_page_shards, shard, ps) - start
@@ -308,10 +337,10 @@ def _write_plan(cache: ShardedKVCache, counts):
     return granted[None], demand[None], free[None]
 
   by_shard = PartitionSpec(partition.pages)
+  part = _without_empty_pools(cache.shards)
   granted, demand, free = _shard_map(
-      body, cache, in_specs=(_shard_specs(cache.shards, partition), PartitionSpec(),
-                             PartitionSpec()),
-      out_specs=(by_shard,) * 3)(cache.shards, cache.lengths, counts)
+      body, cache, in_specs=(_shard_specs(part, partition), PartitionSpec(), PartitionSpec()),
+      out_specs=(by_shard,) * 3)(part, cache.lengths, counts)
   return cache.lengths + counts <= cache.config.max_seq_len, granted, demand, free
 
 
@@ -356,12 +385,12 @@ def append(cache: ShardedKVCache, k, v, counts=None) -> ShardedKVCache:
 
 def _map_shards(fn, cache: ShardedKVCache, *args) -> ShardedKVCache:
   """Applies fn(local cache, page shard, *args) -> local cache on every device; args replicated."""
-  specs = _shard_specs(cache.shards, cache.partition)
-  body = lambda shards, *args: _stack(
-      fn(_unstack(shards), _page_shard_index(cache.partition), *args))
-  shards = _shard_map(body, cache, in_specs=(specs,) + (PartitionSpec(),) * len(args),
-                      out_specs=specs)(cache.shards, *args)
-  return dataclasses.replace(cache, shards=shards)
+  part = _without_empty_pools(cache.shards)
+  specs = _shard_specs(part, cache.partition)
+  body = lambda part, *args: _stack(fn(_unstack(part), _page_shard_index(cache.partition), *args))
+  part = _shard_map(body, cache, in_specs=(specs,) + (PartitionSpec(),) * len(args),
+                    out_specs=specs)(part, *args)
+  return dataclasses.replace(cache, shards=_with_pools_of(part, cache.shards))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -441,15 +470,16 @@ def memory_pressure(cache: ShardedKVCache) -> jax.Array:
 def _page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
   partition, num_shards = cache.partition, cache.num_page_shards
 
-  def body(q, shards):
-    bounds = scoring.page_upper_bounds(q, _unstack(shards), scale=scale)  # [B, local pages, h]
+  def body(q, part):
+    bounds = scoring.page_upper_bounds(q, _unstack(part), scale=scale)  # [B, local pages, h]
     bounds = _gather_page_shards(bounds, partition, num_shards)  # [shards, B, local pages, h]
     bounds = jnp.moveaxis(bounds, 0, 2)
     return bounds.reshape(bounds.shape[0], -1, bounds.shape[-1])  # Page j * shards + s.
 
+  part = _without_empty_pools(cache.shards)
   return _shard_map(
-      body, cache, in_specs=(_heads_spec(partition, 4, 2), _shard_specs(cache.shards, partition)),
-      out_specs=_heads_spec(partition, 3, 2))(q, cache.shards)
+      body, cache, in_specs=(_heads_spec(partition, 4, 2), _shard_specs(part, partition)),
+      out_specs=_heads_spec(partition, 3, 2))(q, part)
 
 
 def page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
@@ -486,8 +516,8 @@ def decode_attention(q, cache: ShardedKVCache, table: PageTable, implementations
   if q_positions is None:
     q_positions = table.query_positions(q.shape[1])
 
-  def body(q, shards, table, q_positions, sinks):
-    local = _unstack(shards)
+  def body(q, part, table, q_positions, sinks):
+    local = _unstack(part)
     shard = _page_shard_index(partition)
     mine = local_table(table, num_shards, shard,
                        min(table.max_pages, local.config.max_pages_per_seq))
@@ -509,8 +539,9 @@ def decode_attention(q, cache: ShardedKVCache, table: PageTable, implementations
 
   q_spec = _heads_spec(partition, 4, 2)
   sinks_spec = None if sinks is None else PartitionSpec(partition.heads)
+  part = _without_empty_pools(cache.shards)
   return _shard_map(
       body, cache,
-      in_specs=(q_spec, _shard_specs(cache.shards, partition), PartitionSpec(), PartitionSpec(),
+      in_specs=(q_spec, _shard_specs(part, partition), PartitionSpec(), PartitionSpec(),
                 sinks_spec),
-      out_specs=q_spec)(q, cache.shards, table, q_positions, sinks)
+      out_specs=q_spec)(q, part, table, q_positions, sinks)
