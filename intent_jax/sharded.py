@@ -191,8 +191,9 @@ def _heads_spec(partition: Partition, rank: int, axis: int) -> PartitionSpec:
   return PartitionSpec(*(partition.heads if i == axis else None for i in range(rank)))
 
 
-def _shard_map(fn, cache: ShardedKVCache, in_specs, out_specs):
-  return jax.shard_map(fn, mesh=cache.mesh, in_specs=in_specs, out_specs=out_specs)
+def _shard_map(fn, cache: ShardedKVCache, in_specs, out_specs, check_vma=True):
+  return jax.shard_map(fn, mesh=cache.mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=check_vma)
 
 
 def _page_shard_index(partition: Partition) -> jax.Array:
@@ -544,4 +545,7 @@ def decode_attention(q, cache: ShardedKVCache, table: PageTable, implementations
       body, cache,
       in_specs=(q_spec, _shard_specs(part, partition), PartitionSpec(), PartitionSpec(),
                 sinks_spec),
-      out_specs=q_spec)(q, part, table, q_positions, sinks)
+      out_specs=q_spec,
+      # Kernels' pallas_calls do not type how their outputs vary over mesh axes; the merged
+      # output is the same on every page shard by construction (psum, then the same merge).
+      check_vma=False)(q, part, table, q_positions, sinks)
