@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from benchmarks import decode_inputs
@@ -87,6 +88,22 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
            **extra)
 
 
+def merge_floor(mesh, q_shape):
+  """A jitted step that does only what sharded decode adds around the kernels: a shard_map over
+  the mesh with the psum of every page shard's (output, lse) and the merge."""
+  heads_spec = PartitionSpec(None, None, "heads", None)
+
+  def body(q):
+    part = jnp.concatenate([q.astype(jnp.float32), q[..., :1].astype(jnp.float32)], axis=-1)
+    parts = jnp.zeros((mesh.shape["pages"],) + part.shape).at[
+        jax.lax.axis_index("pages")].set(part)
+    parts = jax.lax.psum(parts, "pages")
+    return reference.merge_partials(parts[..., :-1], parts[..., -1])
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=heads_spec, out_specs=heads_spec,
+                               check_vma=False))
+
+
 def sharded_decode(record, q, cache, table, selection, storage, one_device_seconds, measure):
   """Times decode over `cache`'s pages split over each --mesh shape; bytes are the largest
   device's share."""
@@ -106,6 +123,8 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
     split = sharded.create(c, mesh, sharded.Partition(heads="heads", pages="pages"))
     split = sharded.prefill(split, k.astype(c.dtype), v.astype(c.dtype), cache.lengths)
     split = sharded.apply_precision(split, table)
+    # In a decode loop the query and the table are made on the mesh; so here too.
+    on_mesh = jax.device_put((q, table), NamedSharding(mesh, PartitionSpec()))
     device_bytes = max(
         float(jnp.sum(cost.routed_kv_bytes(
             sharded.local_table(as_stored, pages, s, table.max_pages), c.num_kv_heads // heads,
@@ -113,10 +132,12 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
         for s in range(pages))
     extra = dict(devices=heads * pages, mesh=shape)
     if _CHECK.value:
-      extra["rel_err"] = report.relative_error(decode(q, split, table),
+      extra["rel_err"] = report.relative_error(decode(on_mesh[0], split, on_mesh[1]),
                                                reference.paged_attention(q, cache, table))
-    seconds = measure(decode, q, split, table)
+    seconds = measure(lambda q, split, table: decode(q, split, table), on_mesh[0], split,
+                      on_mesh[1])
     extra["speedup_vs_one_device"] = one_device_seconds / seconds
+    extra["merge_floor_us"] = 1e6 * measure(merge_floor(mesh, q.shape), on_mesh[0])
     keys = int(jnp.sum(table.num_pages)) * c.page_size // c.max_seqs // (heads * pages)
     record(f"intent_jax {_IMPLEMENTATION.value} sharded", c.max_seqs, c.max_seq_len, c.page_size,
            selection, storage, seconds, device_bytes, keys, **extra)
