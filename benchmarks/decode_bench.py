@@ -14,7 +14,9 @@ first, so unwritten blocks show).
 
 With --mesh (heads x pages, e.g. 1x2,2x1), the first selection's BF16 and mixed tables also run on
 a `sharded.ShardedKVCache` over that many devices: the step time (LSE merge included) beside the
-one-device row of the same table, and the bytes each device reads (the largest share).
+one-device row of the same table, the bytes each device reads (the largest share), the cost of a
+sharded call doing no attention (merge_floor_us), and the per-layer time when --mesh_layers calls
+share one jitted call, on one device and on the mesh (layer_us_one_device, layer_us).
 
   python -m benchmarks.decode_bench --shapes=1x131072,8x32768 --json_out=/tmp/decode.json
 """
@@ -56,6 +58,9 @@ _QUERY_SELECTION = flags.DEFINE_bool(
     "query_selection", True, "Also time query-aware page selection (scoring.page_scores, then "
     "route with a budget of the first selection's pages) on the agentic trace layout.")
 _MESH = flags.DEFINE_list("mesh", [], "Mesh shapes, heads x pages devices, for sharded rows.")
+_MESH_LAYERS = flags.DEFINE_integer(
+    "mesh_layers", 8, "Mesh rows also time this many decode calls (different queries, the same "
+    "cache and table) in one jitted call, as a model step's layers: the per-layer cost.")
 _PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
@@ -111,8 +116,12 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
   stored, _ = cache_lib.lookup(cache, table)
   as_stored = dataclasses.replace(table, precisions=stored)
   k, v = cache_lib.dequantized_kv(cache)  # Re-quantizing these gives the same pages again.
-  decode = jax.jit(functools.partial(attention.decode_attention,
-                                     implementation=_IMPLEMENTATION.value))
+  decode_layer = functools.partial(attention.decode_attention,
+                                   implementation=_IMPLEMENTATION.value)
+  decode = jax.jit(decode_layer)
+  layers = jax.jit(lambda qs, kv, table: jax.lax.map(lambda q: decode_layer(q, kv, table), qs))
+  queries = jax.random.normal(jax.random.key(1), (_MESH_LAYERS.value,) + q.shape, q.dtype)
+  one_device_layer_us = 1e6 * measure(layers, queries, cache, table) / _MESH_LAYERS.value
   for shape in _MESH.value:
     heads, pages = map(int, shape.split("x"))
     if heads * pages > jax.device_count():
@@ -138,6 +147,10 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
                       on_mesh[1])
     extra["speedup_vs_one_device"] = one_device_seconds / seconds
     extra["merge_floor_us"] = 1e6 * measure(merge_floor(mesh, q.shape), on_mesh[0])
+    extra["layer_us_one_device"] = one_device_layer_us
+    extra["layer_us"] = 1e6 * measure(
+        layers, jax.device_put(queries, NamedSharding(mesh, PartitionSpec())), split,
+        on_mesh[1]) / _MESH_LAYERS.value
     keys = int(jnp.sum(table.num_pages)) * c.page_size // c.max_seqs // (heads * pages)
     record(f"intent_jax {_IMPLEMENTATION.value} sharded", c.max_seqs, c.max_seq_len, c.page_size,
            selection, storage, seconds, device_bytes, keys, **extra)

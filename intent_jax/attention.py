@@ -182,8 +182,8 @@ def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, s
   nan_where_wrong = lambda out: jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
   if isinstance(kv, sharded.ShardedKVCache):
     out = sharded.decode_attention(
-        q, kv, table, tuple((name, IMPLEMENTATIONS[name]) for name in names), q_positions=q_positions,
-        sinks=sinks, scale=scale, softcap=softcap)
+        q, kv, table, tuple((name, IMPLEMENTATIONS[name]) for name in names),
+        q_positions=q_positions, sinks=sinks, scale=scale, softcap=softcap)
     return nan_where_wrong(out)
   reasons = []
   for name in names:

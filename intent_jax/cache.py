@@ -561,13 +561,18 @@ def apply_precision(cache: KVCache, table: PageTable) -> KVCache:
   """
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+  check_table_fits(cache.config, table)
+  return _apply_precision(cache, table)
+
+
+def check_table_fits(config: CacheConfig, table: PageTable) -> None:
+  """Raises unless `table` is a PageTable of the cache's page size and batch."""
   if not isinstance(table, PageTable):
     raise TypeError(f"table must be a PageTable, got {type(table).__name__}")
-  if table.page_size != cache.config.page_size or table.batch_size != cache.config.max_seqs:
+  if table.page_size != config.page_size or table.batch_size != config.max_seqs:
     raise ValueError(
         f"table (page_size {table.page_size}, batch {table.batch_size}) does not fit the cache"
-        f" (page_size {cache.config.page_size}, max_seqs {cache.config.max_seqs})")
-  return _apply_precision(cache, table)
+        f" (page_size {config.page_size}, max_seqs {config.max_seqs})")
 
 
 # ---------------------------------------------------------------------------------------------

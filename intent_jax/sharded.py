@@ -151,10 +151,10 @@ def _without_empty_pools(cache: cache_lib.KVCache) -> cache_lib.KVCache:
       None if pool.free_slots.shape[-1] == 0 else pool for pool in cache.pools))
 
 
-def _with_pools_of(part: cache_lib.KVCache, shards: cache_lib.KVCache) -> cache_lib.KVCache:
-  """`part` with the empty pools of `shards` back in place."""
+def _with_empty_pools(part: cache_lib.KVCache, pools) -> cache_lib.KVCache:
+  """`part` with the entries of `pools` where it has None."""
   return dataclasses.replace(part, pools=tuple(
-      old if new is None else new for new, old in zip(part.pools, shards.pools)))
+      old if new is None else new for new, old in zip(part.pools, pools)))
 
 
 def _shard_specs(part: cache_lib.KVCache, partition: Partition):
@@ -267,12 +267,13 @@ def create(config: cache_lib.CacheConfig, mesh: Mesh, partition: Partition) -> S
                                out_specs=_shard_specs(jax.eval_shape(stacked), partition)))
   replicated = NamedSharding(mesh, PartitionSpec())
   num_shards = partition.shards(mesh)[1]
-  empty = jax.device_put(
-      jax.tree.map(lambda x: jnp.broadcast_to(x, (num_shards,) + x.shape), cache_lib.create(
-          dataclasses.replace(local, pool_pages=(1,) + (0,) * (len(Precision) - 1)))),
-      replicated)
+  stack_shards = lambda pool: jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_shards,) + x.shape), pool)
+  empty = jax.device_put(tuple(
+      stack_shards(cache_lib.empty_pool(local, p)) if local.pool_pages[p] == 0 else None
+      for p in Precision), replicated)
   lengths = jax.device_put(jnp.zeros(config.max_seqs, jnp.int32), replicated)
-  return ShardedKVCache(_with_pools_of(make(), empty), lengths, config, mesh, partition)
+  return ShardedKVCache(_with_empty_pools(make(), empty), lengths, config, mesh, partition)
 
 
 def _my_tokens(k, lengths, counts, num_shards: int, shard, page_size: int):
@@ -319,7 +320,8 @@ def _write(cache: ShardedKVCache, k, v, counts) -> ShardedKVCache:
   part, lengths = _shard_map(
       body, cache, in_specs=(specs, PartitionSpec(), kv_spec, kv_spec, PartitionSpec()),
       out_specs=(specs, PartitionSpec()))(part, cache.lengths, k, v, counts)
-  return dataclasses.replace(cache, shards=_with_pools_of(part, cache.shards), lengths=lengths)
+  return dataclasses.replace(cache, shards=_with_empty_pools(part, cache.shards.pools),
+                             lengths=lengths)
 
 
 @jax.jit
@@ -391,7 +393,7 @@ def _map_shards(fn, cache: ShardedKVCache, *args) -> ShardedKVCache:
   body = lambda part, *args: _stack(fn(_unstack(part), _page_shard_index(cache.partition), *args))
   part = _shard_map(body, cache, in_specs=(specs,) + (PartitionSpec(),) * len(args),
                     out_specs=specs)(part, *args)
-  return dataclasses.replace(cache, shards=_with_pools_of(part, cache.shards))
+  return dataclasses.replace(cache, shards=_with_empty_pools(part, cache.shards.pools))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -426,12 +428,7 @@ def apply_precision(cache: ShardedKVCache, table: PageTable) -> ShardedKVCache:
   global table (a shard whose pool is full keeps those pages as they are)."""
   if not isinstance(cache, ShardedKVCache):
     raise TypeError(f"cache must be a ShardedKVCache, got {type(cache).__name__}")
-  if not isinstance(table, PageTable):
-    raise TypeError(f"table must be a PageTable, got {type(table).__name__}")
-  if table.page_size != cache.config.page_size or table.batch_size != cache.config.max_seqs:
-    raise ValueError(
-        f"table (page_size {table.page_size}, batch {table.batch_size}) does not fit the cache"
-        f" (page_size {cache.config.page_size}, max_seqs {cache.config.max_seqs})")
+  cache_lib.check_table_fits(cache.config, table)
   return _apply_precision(cache, table)
 
 

@@ -75,7 +75,7 @@ class ShardedDecodeTest(parameterized.TestCase):
     super().setUp()
     self.assertGreaterEqual(jax.device_count(), 8, "tests/conftest.py must give 8 CPU devices")
 
-  @parameterized.parameters([(shape, "xla") for shape in MESH_SHAPES] + [((2, 4), "reference")])
+  @parameterized.parameters([(shape, "xla") for shape in MESH_SHAPES] + [((4, 2), "reference")])
   def test_decode_matches_single_device_oracle(self, mesh_shape, implementation):
     """Prefill, mixed-precision storage, a causal 3-token append, sinks and soft-cap."""
     seed = sum(mesh_shape) * 10 + len(implementation)
@@ -106,7 +106,7 @@ class ShardedDecodeTest(parameterized.TestCase):
       got = ij.decode_attention(q, split, table, implementation=implementation, **kwargs)
       chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
-  @parameterized.parameters(*MESH_SHAPES)
+  @parameterized.parameters((1, 8), (2, 4))
   def test_one_token_and_empty_rows(self, heads, pages):
     """q_len 1; a sequence with nothing stored and a table with nothing selected give zeros."""
     single, split = _both(_mesh(heads, pages))
@@ -122,7 +122,7 @@ class ShardedDecodeTest(parameterized.TestCase):
     nothing = dataclasses.replace(table, num_pages=jnp.zeros_like(table.num_pages))
     np.testing.assert_array_equal(ij.decode_attention(q, split, nothing), 0.0)
 
-  @parameterized.parameters((2, 4), (8, 1))
+  @parameterized.parameters((2, 4))
   def test_query_mode_route_matches_single_device(self, heads, pages):
     single, split = _both(_mesh(heads, pages))
     lengths = jnp.array([200, 97])
