@@ -22,9 +22,7 @@ NUM_TOKENS, BATCH = spec.KERNEL_TOKENS, spec.KERNEL_BATCH
 # (name, q_len, num_q_heads, num_kv_heads, head_dim, page_size, cache dtype, q dtype, pressure,
 #  eight-bit format, sinks and softcap, splits)
 CASES = (
-    ("mha_bf16", 1, 2, 2, 64, 16, "bfloat16", jnp.bfloat16, 0.0, INT8, False, None),
     ("gqa_mixed_int8", 1, 8, 2, 64, 16, "float32", jnp.float32, 0.4, INT8, False, 3),
-    ("gqa_mixed_fp8", 2, 8, 2, 64, 16, "float32", jnp.float32, 0.3, FP8, False, 4),
     ("causal_q8_sinks_softcap", 8, 4, 2, 64, 16, "float32", jnp.float32, 0.4, INT8, True, 2),
     ("mqa_page32", 3, 4, 1, 32, 32, "float32", jnp.float32, 0.5, FP8, True, None),
     ("page64_two_bit_words", 1, 4, 2, 64, 64, "float32", jnp.float32, 0.4, INT8, False, 2),
