@@ -272,6 +272,23 @@ def read_table_pages(cache: KVCache, table: PageTable):
   return _flat_pages(k), _flat_pages(v)
 
 
+def page_key_bounds(cache: KVCache):
+  """(key_min, key_max), f32[max_seqs, max_pages_per_seq, num_kv_heads, head_dim]: channel-wise
+  bounds of the keys stored in each sequence's logical pages (as stored: dequantized values for
+  quantized pages); unmapped pages give (+inf, -inf)."""
+  c = cache.config
+  shape = (c.max_seqs, c.max_pages_per_seq, c.num_kv_heads, c.head_dim)
+  lower, upper = jnp.full(shape, jnp.inf, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32)
+  for precision, pool in zip(Precision, cache.pools):
+    if pool.num_pages == 0:
+      continue
+    here = (cache.page_pool == int(precision))[..., None, None]
+    slots = jnp.clip(cache.page_slot, 0, pool.num_pages - 1)
+    lower = jnp.where(here, jnp.moveaxis(pool.key_min[:, slots], 0, 2), lower)
+    upper = jnp.where(here, jnp.moveaxis(pool.key_max[:, slots], 0, 2), upper)
+  return lower, upper
+
+
 def dequantized_kv(cache: KVCache):
   """Contiguous f32 K and V of every sequence: [max_seqs, max_pages_per_seq * page_size,
   num_kv_heads, head_dim], each page in its stored precision; unmapped pages read as zeros."""

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
 from intent_jax.layout import BlockLayout, token_block_ids
-from intent_jax.precision import Precision
 
 
 def block_mean_keys(k: jax.Array, layout: BlockLayout, seq_lens: jax.Array) -> jax.Array:
@@ -97,24 +96,15 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = c.num_kv_heads
   scale = head_dim**-0.5 if scale is None else scale
-  # Every sequence's query against every slot of each pool, read where the bounds are stored
-  # (no per-sequence copy of them), then each logical page takes its slot's value.
+  lower, upper = cache_lib.page_key_bounds(cache)
+  mapped = jnp.isfinite(upper[..., 0])  # [batch, pages, kv_heads]
+  lower, upper = jnp.where(mapped[..., None], lower, 0.0), jnp.where(mapped[..., None], upper, 0.0)
   grouped = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, -1, head_dim)
-  positive, negative = jnp.maximum(grouped, 0.0), jnp.minimum(grouped, 0.0)
   highest = jax.lax.Precision.HIGHEST
-  bound = jnp.full((batch, c.num_kv_heads, c.max_pages_per_seq), -jnp.inf, jnp.float32)
-  for precision, pool in zip(Precision, cache.pools):
-    if pool.num_pages == 0:
-      continue
-    finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)  # Slots never written.
-    per_slot = (
-        jnp.einsum("bthgd,hnd->bhgtn", positive, finite(pool.key_max), precision=highest) +
-        jnp.einsum("bthgd,hnd->bhgtn", negative, finite(pool.key_min), precision=highest))
-    per_slot = jnp.max(per_slot, axis=(2, 3))  # [batch, kv_heads, slots]
-    slots = jnp.clip(cache.page_slot, 0, pool.num_pages - 1)[:, None, :]
-    here = (cache.page_pool == int(precision))[:, None, :]
-    bound = jnp.where(here, jnp.take_along_axis(per_slot, slots, axis=2), bound)
-  return jnp.moveaxis(bound, 1, 2) * scale
+  bound = (jnp.einsum("bthgd,bphd->bphgt", jnp.maximum(grouped, 0.0), upper, precision=highest) +
+           jnp.einsum("bthgd,bphd->bphgt", jnp.minimum(grouped, 0.0), lower, precision=highest))
+  bound = jnp.max(bound, axis=(-2, -1)) * scale
+  return jnp.where(mapped, bound, -jnp.inf)
 
 
 def page_max_logits(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
