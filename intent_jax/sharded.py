@@ -4,8 +4,8 @@ A `Partition` names up to two mesh axes:
   * `heads` splits the kv heads into contiguous groups (tensor parallel), their query heads with
     them;
   * `pages` deals each sequence's logical pages round-robin (sequence parallel): page p lives on
-    page shard p % n, as local page p // n of that shard's own cache. Every device of a page shard
-    holds its pages and nothing else: a page never lives on two devices.
+    page shard p % n, as local page p // n of that shard's own cache. A device holds its heads of
+    its pages and nothing else: no (kv head, page) lives on two devices.
 
 Each device holds an ordinary `cache.KVCache` (its kv heads, its pages, its pools and free slots;
 `lengths` count the tokens of its pages). `ShardedKVCache` stacks them: every leaf gets a leading
@@ -15,8 +15,8 @@ collective), so the shards never disagree.
 
 Decode: every device turns the global PageTable into its own (`local_table`), attends its pages
 with the fastest local implementation (which also returns the log-sum-exp), and the page shards
-exchange (output, lse) in one all-gather and merge them (`reference.merge_partials`), sinks
-counted once. Causal masking stays exact: a shard's local positions keep the order of the
+exchange (output, lse) in one psum and merge them (`reference.merge_partials`), sinks counted
+once. Causal masking stays exact: a shard's local positions keep the order of the
 global ones (`local_positions`).
 """
 
