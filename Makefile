@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.agentic_decode
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

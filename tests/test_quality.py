@@ -5,7 +5,6 @@ import dataclasses
 from absl.testing import absltest
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from intent_jax import quality
 from intent_jax import tasks
@@ -32,7 +31,6 @@ class CheckpointTest(absltest.TestCase):
       quality.load_recall_model("/nonexistent/recall.npz")
 
 
-@pytest.mark.xdist_group("quality_evaluate")  # One worker runs the costly setUpClass, once.
 class EvaluateTest(absltest.TestCase):
 
   @classmethod
