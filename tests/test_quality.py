@@ -49,20 +49,35 @@ class EvaluateTest(absltest.TestCase):
                   exact_page_scores=True)]
     cls.rows = {r["name"]: r for r in quality.evaluate(model, examples, settings, batch=8)}
 
-  def test_dense_is_exact_and_reads_everything(self):
+  def test_every_setting_row(self):
+    """One evaluation (the costly part, so one test: xdist would run setUpClass per worker),
+    each property a subtest."""
+    for check in (
+        self._dense_is_exact_and_reads_everything,
+        self._skipping_the_answer_block_loses_the_answer,
+        self._storage_bytes_count_every_full_page_in_its_format,
+        self._emulated_storage_matches_the_real_int4_cache,
+        self._in_step_cosine_routing_keeps_the_page_budget,
+        self._query_routing_reads_its_page_budget,
+        self._answer_page_recall,
+    ):
+      with self.subTest(check.__name__):
+        check()
+
+  def _dense_is_exact_and_reads_everything(self):
     dense = self.rows["dense"]
     self.assertGreaterEqual(dense["accuracy"], 0.9)
     self.assertEqual(dense["kv_read_fraction"], 1.0)
     self.assertLess(dense["attention_error"], 1e-5)
     self.assertEqual(dense["answer_read"], 1.0)
 
-  def test_skipping_the_answer_block_loses_the_answer(self):
+  def _skipping_the_answer_block_loses_the_answer(self):
     skip = self.rows["skip"]
     self.assertEqual(skip["answer_read"], 0.0)
     self.assertLessEqual(skip["accuracy"], 0.25)
     self.assertGreater(skip["attention_error"], 0.05)
 
-  def test_storage_bytes_count_every_full_page_in_its_format(self):
+  def _storage_bytes_count_every_full_page_in_its_format(self):
     ps, dim = 16, 32
     length = self.task.seq_len - 1  # Up to the question's key.
     full_pages, pages = (length - 1) // ps, -(-length // ps)  # The last page stays BF16.
@@ -73,17 +88,17 @@ class EvaluateTest(absltest.TestCase):
       self.assertAlmostEqual(self.rows[name]["kv_read_fraction"], expected, places=6)
     self.assertLess(self.rows["int8"]["attention_error"], self.rows["int4"]["attention_error"])
 
-  def test_emulated_storage_matches_the_real_int4_cache(self):
+  def _emulated_storage_matches_the_real_int4_cache(self):
     real, emulated = self.rows["int4"], self.rows["int4 emulated"]
     self.assertEqual(real["accuracy"], emulated["accuracy"])
     self.assertAlmostEqual(real["attention_error"], emulated["attention_error"],
                            delta=0.1 * real["attention_error"])
 
-  def test_in_step_cosine_routing_keeps_the_page_budget(self):
+  def _in_step_cosine_routing_keeps_the_page_budget(self):
     budget = self.balanced.max_pages / -(-(self.task.seq_len - 1) // 16)
     self.assertLessEqual(self.rows["cosine"]["kv_read_fraction"], budget)
 
-  def test_query_routing_reads_its_page_budget(self):
+  def _query_routing_reads_its_page_budget(self):
     pages = -(-self.task.seq_len // 16)
     for name in ("query", "query exact"):  # BF16 pages: bytes are pages.
       self.assertAlmostEqual(self.rows[name]["kv_read_fraction"], np.ceil(0.25 * pages) / pages,
@@ -92,11 +107,14 @@ class EvaluateTest(absltest.TestCase):
     self.assertGreaterEqual(self.rows["query exact"]["accuracy"], 0.9)
     self.assertGreaterEqual(self.rows["query exact"]["accuracy"], self.rows["query"]["accuracy"])
 
-  def test_answer_page_recall(self):
+  def _answer_page_recall(self):
     self.assertEqual(self.rows["dense"]["answer_page_recall"], 1.0)
     self.assertLess(self.rows["skip"]["answer_page_recall"], 1.0)
     for row in self.rows.values():
       self.assertBetween(row["answer_page_recall"], 0.0, 1.0)
+
+
+class SettingTest(absltest.TestCase):
 
   def test_bad_settings(self):
     with self.assertRaisesRegex(ValueError, "scores='oracle'"):
@@ -117,7 +135,8 @@ class EvaluateTest(absltest.TestCase):
       quality.evaluate(model, many, [S("dense")])
 
   def test_presets_read_less_and_less(self):
-    presets = quality.router_presets(self.task)
+    _, task, _ = quality.load_recall_model()
+    presets = quality.router_presets(task)
     self.assertIsNone(presets["conservative"].max_pages)
     self.assertGreater(presets["balanced"].max_pages, presets["aggressive"].max_pages)
     self.assertIsInstance(presets["balanced"], RouterConfig)
