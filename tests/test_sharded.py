@@ -69,6 +69,15 @@ def _both(mesh, pools=None):
   return cache_lib.create(config), sharded.create(config, mesh, PARTITION)
 
 
+def _prefilled(mesh, lengths, seed):
+  """Both caches holding the same random tokens, lengths[b] of sequence b."""
+  single, split = _both(mesh)
+  tokens = max(lengths)
+  k, v = _normal(seed, (B, tokens, H, D)), _normal(seed + 1, (B, tokens, H, D))
+  lengths = jnp.asarray(lengths)
+  return cache_lib.prefill(single, k, v, lengths), sharded.prefill(split, k, v, lengths)
+
+
 class ShardedDecodeTest(parameterized.TestCase):
 
   def setUp(self):
@@ -109,11 +118,7 @@ class ShardedDecodeTest(parameterized.TestCase):
   @parameterized.parameters((2, 4))
   def test_one_token_and_empty_rows(self, heads, pages):
     """q_len 1; a sequence with nothing stored and a table with nothing selected give zeros."""
-    single, split = _both(_mesh(heads, pages))
-    lengths = jnp.array([61, 0])
-    k, v = _normal(1, (B, 64, H, D)), _normal(2, (B, 64, H, D))
-    single = cache_lib.prefill(single, k, v, lengths)
-    split = sharded.prefill(split, k, v, lengths)
+    single, split = _prefilled(_mesh(heads, pages), [61, 0], seed=1)
     table = _route([61, 0])
     q = _normal(3, (B, 1, HQ, D))
     got = ij.decode_attention(q, split, table)
@@ -124,11 +129,8 @@ class ShardedDecodeTest(parameterized.TestCase):
 
   @parameterized.parameters((2, 4))
   def test_query_mode_route_matches_single_device(self, heads, pages):
-    single, split = _both(_mesh(heads, pages))
+    single, split = _prefilled(_mesh(heads, pages), [200, 97], seed=4)
     lengths = jnp.array([200, 97])
-    k, v = _normal(4, (B, 200, H, D)), _normal(5, (B, 200, H, D))
-    single = cache_lib.prefill(single, k, v, lengths)
-    split = sharded.prefill(split, k, v, lengths)
     q = _normal(6, (B, 2, HQ, D))
     chex.assert_trees_all_close(sharded.page_scores(q, split), scoring.page_scores(q, single),
                                 atol=1e-5)
