@@ -97,13 +97,9 @@ def merge_floor(mesh, q_shape):
   """A jitted step that does only what sharded decode adds around the kernels: a shard_map over
   the mesh with the psum of every page shard's (output, lse) and the merge."""
   heads_spec = PartitionSpec(None, None, "heads", None)
-
-  def body(q):
-    part = jnp.concatenate([q.astype(jnp.float32), q[..., :1].astype(jnp.float32)], axis=-1)
-    parts = jnp.zeros((mesh.shape["pages"],) + part.shape).at[
-        jax.lax.axis_index("pages")].set(part)
-    parts = jax.lax.psum(parts, "pages")
-    return reference.merge_partials(parts[..., :-1], parts[..., -1])
+  partition = sharded.Partition(heads="heads", pages="pages")
+  body = lambda q: sharded.merge_page_shards(q, q[..., 0].astype(jnp.float32), partition,
+                                             mesh.shape["pages"])
 
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=heads_spec, out_specs=heads_spec,
                                check_vma=False))

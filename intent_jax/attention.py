@@ -11,6 +11,7 @@ implementation attends every device's own pages and the results are merged (`sha
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def static_validate_inputs(q, kv, table, *, q_positions=None, sinks=None, scale=
                            softcap=None) -> None:
   """Checks shapes, dtypes and static arguments before tracing; raises ValueError/TypeError."""
   _check_array("q", q)
-  if isinstance(kv, (cache_lib.KVCache, sharded.ShardedKVCache)):
+  if isinstance(kv, sharded.PAGED_CACHES):
     cfg = kv.config
     if q.ndim != 4 or q.shape[0] != cfg.max_seqs or q.shape[3] != cfg.head_dim:
       raise ValueError(
@@ -134,6 +135,25 @@ def static_validate_inputs(q, kv, table, *, q_positions=None, sinks=None, scale=
     raise ValueError(f"scale={scale!r} must be None or a positive number")
   if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
     raise ValueError(f"softcap={softcap!r} must be None or a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FirstSupported:
+  """Calls the first of the named implementations that does not raise NotImplementedError
+  (hashable: a static argument of the sharded path's jit)."""
+
+  names: tuple[str, ...]
+
+  def __call__(self, q, kv, table, **options):
+    reasons = []
+    for name in self.names:
+      try:
+        return IMPLEMENTATIONS[name](q, kv, table, **options)
+      except NotImplementedError as e:
+        reasons.append(f"{name}: {e}")
+    raise NotImplementedError(
+        f"none of the implementations {list(self.names)} supports these inputs"
+        f" ({'; '.join(reasons)})")
 
 
 def _check_mesh_args(kv, mesh, partition) -> None:
@@ -175,24 +195,13 @@ def decode_attention(q, kv, table: PageTable, *, q_positions=None, sinks=None, s
   static_validate_inputs(q, kv, table, q_positions=q_positions, sinks=sinks, scale=scale,
                          softcap=softcap)
   _check_mesh_args(kv, mesh, partition)
-  names = _implementation_names(implementation)
+  attend = _FirstSupported(_implementation_names(implementation))
   wrong = table.truncated
-  if isinstance(kv, (cache_lib.KVCache, sharded.ShardedKVCache)):
+  if isinstance(kv, sharded.PAGED_CACHES):
     wrong = wrong | (table.seq_lens != kv.lengths)
-  nan_where_wrong = lambda out: jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  options = dict(q_positions=q_positions, sinks=sinks, scale=scale, softcap=softcap)
   if isinstance(kv, sharded.ShardedKVCache):
-    out = sharded.decode_attention(
-        q, kv, table, tuple((name, IMPLEMENTATIONS[name]) for name in names),
-        q_positions=q_positions, sinks=sinks, scale=scale, softcap=softcap)
-    return nan_where_wrong(out)
-  reasons = []
-  for name in names:
-    try:
-      out = IMPLEMENTATIONS[name](q, kv, table, q_positions=q_positions, sinks=sinks,
-                                  scale=scale, softcap=softcap)
-    except NotImplementedError as e:
-      reasons.append(f"{name}: {e}")
-      continue
-    return nan_where_wrong(out)
-  raise NotImplementedError(
-      f"none of the implementations {list(names)} supports these inputs ({'; '.join(reasons)})")
+    out = sharded.decode_attention(q, kv, table, attend, **options)
+  else:
+    out = attend(q, kv, table, **options)
+  return jnp.where(wrong[:, None, None, None], jnp.nan, out).astype(q.dtype)

@@ -492,13 +492,19 @@ def release(cache: KVCache, seq) -> KVCache:
   """Empties sequence `seq` and returns its pages to their pools (the cache is donated)."""
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-  if not is_traced(seq):
-    if not is_int(seq) and not (hasattr(seq, "shape") and np.asarray(seq).shape == () and
-                                jnp.issubdtype(np.asarray(seq).dtype, jnp.integer)):
-      raise TypeError(f"seq must be an int, got {seq!r}")
-    if not 0 <= int(seq) < cache.config.max_seqs:
-      raise ValueError(f"seq={int(seq)} is out of range [0, {cache.config.max_seqs})")
+  check_seq(cache.config, seq)
   return _release(cache, jnp.asarray(seq, jnp.int32))
+
+
+def check_seq(config: CacheConfig, seq) -> None:
+  """Eagerly, raises unless `seq` is an int in [0, max_seqs) (inside jit: nothing to check)."""
+  if is_traced(seq):
+    return
+  if not is_int(seq) and not (hasattr(seq, "shape") and np.asarray(seq).shape == () and
+                              jnp.issubdtype(np.asarray(seq).dtype, jnp.integer)):
+    raise TypeError(f"seq must be an int, got {seq!r}")
+  if not 0 <= int(seq) < config.max_seqs:
+    raise ValueError(f"seq={int(seq)} is out of range [0, {config.max_seqs})")
 
 
 def _downgrade(current, target):
@@ -584,9 +590,13 @@ def capacity_bytes(config: CacheConfig) -> tuple[int, ...]:
   return tuple(config.pool_pages[p] * config.stored_page_bytes(p) for p in Precision)
 
 
+# Each takes a cache, or caches stacked on leading axes (sharded.ShardedKVCache.shards): the
+# results then carry those axes in front.
+
+
 def free_pages(cache: KVCache) -> jax.Array:
   """i32[NUM_PRECISIONS]: free pages per pool."""
-  return jnp.stack([pool.num_free for pool in cache.pools])
+  return jnp.stack([pool.num_free for pool in cache.pools], axis=-1)
 
 
 def pages_in_use(cache: KVCache) -> jax.Array:
@@ -602,4 +612,4 @@ def bytes_in_use(cache: KVCache) -> jax.Array:
 
 def memory_pressure(cache: KVCache) -> jax.Array:
   """f32[] in [0, 1]: bytes in use over the bytes of all pools (the router's memory_pressure)."""
-  return jnp.sum(bytes_in_use(cache)) / float(sum(capacity_bytes(cache.config)))
+  return jnp.sum(bytes_in_use(cache), axis=-1) / float(sum(capacity_bytes(cache.config)))

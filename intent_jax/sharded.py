@@ -173,6 +173,12 @@ def _shard_specs(part: cache_lib.KVCache, partition: Partition):
                              lengths=by_shard, overflow=by_shard)
 
 
+def _device_part(cache: ShardedKVCache):
+  """What of the shards goes through shard_map, and its PartitionSpecs."""
+  part = _without_empty_pools(cache.shards)
+  return part, _shard_specs(part, cache.partition)
+
+
 def _unstack(part: cache_lib.KVCache) -> cache_lib.KVCache:
   """This device's cache from its slice of the shards (inside shard_map)."""
   local = jax.tree.map(lambda x: x[0], part)
@@ -276,18 +282,22 @@ def create(config: cache_lib.CacheConfig, mesh: Mesh, partition: Partition) -> S
   return ShardedKVCache(_with_empty_pools(make(), empty), lengths, config, mesh, partition)
 
 
-def _my_tokens(k, lengths, counts, num_shards: int, shard, page_size: int):
-  """Which of the new tokens k [batch, tokens, ...] (at positions lengths[b] + i) live on
-  `shard`, in order: (gathered [batch, bound, ...], count i32[batch])."""
-  tokens = k.shape[1]
-  bound = min(tokens, (math.ceil(tokens / (num_shards * page_size)) + 1) * page_size)
+def _shard_share(lengths, counts, num_shards: int, shard, page_size: int):
+  """Of counts[b] new tokens after lengths[b], those on `shard`: (local position of the first,
+  how many), i32[batch] each."""
   start = local_length(lengths, num_shards, shard, page_size)
-  count = local_length(lengths + counts, num_shards, shard, page_size) - start
+  return start, local_length(lengths + counts, num_shards, shard, page_size) - start
+
+
+def _tokens_on_shard(lengths, counts, tokens: int, num_shards: int, shard, page_size: int):
+  """Which of `tokens` new tokens (token i at position lengths[b] + i, counts[b] of them written)
+  live on `shard`, in order: (their indices i32[batch, bound] into the new tokens, valid below
+  count; count i32[batch])."""
+  bound = min(tokens, (math.ceil(tokens / (num_shards * page_size)) + 1) * page_size)
+  start, count = _shard_share(lengths, counts, num_shards, shard, page_size)
   local = start[:, None] + jnp.arange(bound)
   position = ((local // page_size) * num_shards + shard) * page_size + local % page_size
-  offset = jnp.clip(position - lengths[:, None], 0, tokens - 1)
-  index = offset.reshape(offset.shape + (1,) * (k.ndim - 2))
-  return jnp.take_along_axis(k, index, axis=1), count
+  return jnp.clip(position - lengths[:, None], 0, tokens - 1), count
 
 
 def _write_shard(cache: ShardedKVCache, k, v, counts):
@@ -304,17 +314,16 @@ def _write_shard(cache: ShardedKVCache, k, v, counts):
       return served
     return jax.lax.pmin(served.astype(jnp.int32), partition.pages) == 1
 
-  k_mine, my_counts = _my_tokens(k, cache.lengths, counts, num_shards, shard, ps)
-  v_mine, _ = _my_tokens(v, cache.lengths, counts, num_shards, shard, ps)
-  local, served = cache_lib.write_tokens(local, k_mine, v_mine, my_counts, agree=agree)
+  index, my_counts = _tokens_on_shard(cache.lengths, counts, k.shape[1], num_shards, shard, ps)
+  mine = lambda x: jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+  local, served = cache_lib.write_tokens(local, mine(k), mine(v), my_counts, agree=agree)
   return _stack(local), cache.lengths + jnp.where(served, counts, 0)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write(cache: ShardedKVCache, k, v, counts) -> ShardedKVCache:
   kv_spec = _heads_spec(cache.partition, 4, 2)
-  part = _without_empty_pools(cache.shards)
-  specs = _shard_specs(part, cache.partition)
+  part, specs = _device_part(cache)
   body = lambda part, lengths, k, v, counts: _write_shard(
       dataclasses.replace(cache, shards=part, lengths=lengths), k, v, counts)
   part, lengths = _shard_map(
@@ -332,17 +341,16 @@ def _write_plan(cache: ShardedKVCache, counts):
 
   def body(part, lengths, counts):
     local = _unstack(part)
-    shard = _page_shard_index(partition)
-    start = local_length(lengths, cache.num_page_shards, shard, ps)
-    mine = local_length(lengths + counts, cache.num_page_shards, shard, ps) - start
+    _, mine = _shard_share(lengths, counts, cache.num_page_shards,
+                           _page_shard_index(partition), ps)
     _, granted, demand, taken_before = cache_lib.plan_write(local, mine)
     free = local.pools[Precision.BF16].num_free - taken_before
     return granted[None], demand[None], free[None]
 
   by_shard = PartitionSpec(partition.pages)
-  part = _without_empty_pools(cache.shards)
+  part, specs = _device_part(cache)
   granted, demand, free = _shard_map(
-      body, cache, in_specs=(_shard_specs(part, partition), PartitionSpec(), PartitionSpec()),
+      body, cache, in_specs=(specs, PartitionSpec(), PartitionSpec()),
       out_specs=(by_shard,) * 3)(part, cache.lengths, counts)
   return cache.lengths + counts <= cache.config.max_seq_len, granted, demand, free
 
@@ -361,7 +369,9 @@ def _check_write(cache: ShardedKVCache, k, v, counts, name: str) -> None:
       raise ValueError(
           f"sequence {b}: writing {counts[b]} tokens at length {lengths[b]} would reach"
           f" {lengths[b] + counts[b]}, past max_seq_len={cache.config.max_seq_len}")
-    for s in np.nonzero(~granted[:, b])[0]:
+    refused = np.nonzero(~granted[:, b])[0]
+    if refused.size:
+      s = refused[0]
       raise ValueError(
           f"sequence {b}: writing {counts[b]} tokens at length {lengths[b]} needs"
           f" {demand[s, b]} new pages on page shard {s}, but its BF16 pool has"
@@ -388,8 +398,7 @@ def append(cache: ShardedKVCache, k, v, counts=None) -> ShardedKVCache:
 
 def _map_shards(fn, cache: ShardedKVCache, *args) -> ShardedKVCache:
   """Applies fn(local cache, page shard, *args) -> local cache on every device; args replicated."""
-  part = _without_empty_pools(cache.shards)
-  specs = _shard_specs(part, cache.partition)
+  part, specs = _device_part(cache)
   body = lambda part, *args: _stack(fn(_unstack(part), _page_shard_index(cache.partition), *args))
   part = _shard_map(body, cache, in_specs=(specs,) + (PartitionSpec(),) * len(args),
                     out_specs=specs)(part, *args)
@@ -406,9 +415,7 @@ def release(cache: ShardedKVCache, seq) -> ShardedKVCache:
   """`cache.release` for a sharded cache: every shard frees the sequence's pages."""
   if not isinstance(cache, ShardedKVCache):
     raise TypeError(f"cache must be a ShardedKVCache, got {type(cache).__name__}")
-  if not is_traced(seq):
-    if not 0 <= int(seq) < cache.config.max_seqs:
-      raise ValueError(f"seq={int(seq)} is out of range [0, {cache.config.max_seqs})")
+  cache_lib.check_seq(cache.config, seq)
   return _release(cache, jnp.asarray(seq, jnp.int32))
 
 
@@ -438,26 +445,23 @@ def apply_precision(cache: ShardedKVCache, table: PageTable) -> ShardedKVCache:
 
 def free_pages(cache: ShardedKVCache) -> jax.Array:
   """i32[page_shards, NUM_PRECISIONS]: free pages per pool of each page shard."""
-  return jnp.stack([pool.num_free for pool in cache.shards.pools], axis=-1)
+  return cache_lib.free_pages(cache.shards)
 
 
 def pages_in_use(cache: ShardedKVCache) -> jax.Array:
   """i32[page_shards, NUM_PRECISIONS]: pages holding data per pool of each page shard."""
-  return jnp.asarray(cache.shards.config.pool_pages, jnp.int32) - free_pages(cache)
+  return cache_lib.pages_in_use(cache.shards)
 
 
 def bytes_in_use(cache: ShardedKVCache) -> jax.Array:
   """f32[page_shards, NUM_PRECISIONS]: bytes in use per pool on each device of a page shard."""
-  local = cache.shards.config
-  per_page = jnp.asarray([local.stored_page_bytes(p) for p in Precision], jnp.float32)
-  return pages_in_use(cache).astype(jnp.float32) * per_page
+  return cache_lib.bytes_in_use(cache.shards)
 
 
 def memory_pressure(cache: ShardedKVCache) -> jax.Array:
   """f32[] in [0, 1]: the fullest device's bytes in use over its pools' bytes (the router's
   memory_pressure: a block's precision follows the device that runs out first)."""
-  capacity = float(sum(cache_lib.capacity_bytes(cache.shards.config)))
-  return jnp.max(jnp.sum(bytes_in_use(cache), axis=-1)) / capacity
+  return jnp.max(cache_lib.memory_pressure(cache.shards))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,9 +478,9 @@ def _page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
     bounds = jnp.moveaxis(bounds, 0, 2)
     return bounds.reshape(bounds.shape[0], -1, bounds.shape[-1])  # Page j * shards + s.
 
-  part = _without_empty_pools(cache.shards)
+  part, specs = _device_part(cache)
   return _shard_map(
-      body, cache, in_specs=(_heads_spec(partition, 4, 2), _shard_specs(part, partition)),
+      body, cache, in_specs=(_heads_spec(partition, 4, 2), specs),
       out_specs=_heads_spec(partition, 3, 2))(q, part)
 
 
@@ -496,15 +500,24 @@ def page_scores(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
   return scoring.head_relative_scores(bounds)
 
 
-@functools.partial(jax.jit, static_argnames=("implementations", "scale", "softcap"))
-def decode_attention(q, cache: ShardedKVCache, table: PageTable, implementations, *,
-                     q_positions=None, sinks=None, scale=None, softcap=None) -> jax.Array:
+def merge_page_shards(out, lse, partition: Partition, num_shards: int, *, sinks=None):
+  """Inside shard_map: attention over every page shard's keys, from this shard's output and
+  log-sum-exp (`reference.attention`'s return_lse): one psum, then `reference.merge_partials`
+  (sinks counted once). f32, the same on every page shard."""
+  part = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
+  parts = _gather_page_shards(part, partition, num_shards)
+  return reference.merge_partials(parts[..., :-1], parts[..., -1], sinks=sinks)
+
+
+@functools.partial(jax.jit, static_argnames=("attend", "scale", "softcap"))
+def decode_attention(q, cache: ShardedKVCache, table: PageTable, attend, *, q_positions=None,
+                     sinks=None, scale=None, softcap=None) -> jax.Array:
   """Attention over a sharded cache (called by `attention.decode_attention`, which validates).
 
   Args:
     q: [batch, q_len, num_q_heads, head_dim]; cache: ShardedKVCache; table: the global table.
-    implementations: static tuple of (name, fn) pairs; the first that runs on a device's cache
-      and table without NotImplementedError is used (called with return_lse=True, no sinks).
+    attend: static, hashable; attend(q, kv, table, **options) attends a device's own cache and
+      table (called with return_lse=True and no sinks).
     q_positions, sinks, scale, softcap: as `attention.decode_attention`.
 
   Returns:
@@ -520,28 +533,16 @@ def decode_attention(q, cache: ShardedKVCache, table: PageTable, implementations
     mine = local_table(table, num_shards, shard,
                        min(table.max_pages, local.config.max_pages_per_seq))
     positions = local_positions(q_positions, num_shards, shard, ps)
-    reasons = []
-    for name, fn in implementations:
-      try:
-        out, lse = fn(q, local, mine, q_positions=positions, sinks=None, scale=scale,
+    out, lse = attend(q, local, mine, q_positions=positions, sinks=None, scale=scale,
                       softcap=softcap, return_lse=True)
-        break
-      except NotImplementedError as e:
-        reasons.append(f"{name}: {e}")
-    else:
-      raise NotImplementedError(
-          f"no implementation attends a shard's pages ({'; '.join(reasons)})")
-    part = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
-    parts = _gather_page_shards(part, partition, num_shards)  # The step's one collective.
-    return reference.merge_partials(parts[..., :-1], parts[..., -1], sinks=sinks)
+    return merge_page_shards(out, lse, partition, num_shards, sinks=sinks)
 
   q_spec = _heads_spec(partition, 4, 2)
   sinks_spec = None if sinks is None else PartitionSpec(partition.heads)
-  part = _without_empty_pools(cache.shards)
+  part, specs = _device_part(cache)
   return _shard_map(
       body, cache,
-      in_specs=(q_spec, _shard_specs(part, partition), PartitionSpec(), PartitionSpec(),
-                sinks_spec),
+      in_specs=(q_spec, specs, PartitionSpec(), PartitionSpec(), sinks_spec),
       out_specs=q_spec,
       # Kernels' pallas_calls do not type how their outputs vary over mesh axes; the merged
       # output is the same on every page shard by construction (psum, then the same merge).
