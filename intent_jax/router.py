@@ -169,26 +169,33 @@ def _select_blocks(forced_token, forced_page, in_seq, block_of_token, starts, en
   return kept, selected, forced_fit
 
 
-def _select_pages(forced_token, forced_page, attend_token, page_score, budget, *, capacity, ps,
-                  by_page):
-  """Query mode: the forced pages, then the ATTEND pages of highest `page_score` up to `budget`
-  pages in all (ties: the later page first). ATTEND tokens on any selected page are attended.
+def _select_pages(forced_page, candidate, page_score, budget, *, capacity):
+  """Query mode: the forced pages, then the candidate pages of highest `page_score` up to
+  `budget` pages in all (ties: the later page first). Works on pages only: one sort of the
+  scores finds the cut, a reverse running count of the ties at the cut breaks them.
 
-  Returns (selected bool[tokens], overflow bool: a candidate page was left out, forced pages fit
+  Returns (selected bool[pages], overflow bool: a candidate page was left out, forced pages fit
   bool).
   """
-  num_logical = forced_page.shape[0]
-  candidate = by_page(attend_token).any(axis=1) & ~forced_page
-  score = jnp.where(jnp.isnan(page_score), -jnp.inf, page_score)
-  pages = jnp.arange(num_logical, dtype=jnp.int32)
-  order = jnp.lexsort((-pages, -score, ~candidate))  # Candidates first, best score first.
-  rank = jnp.zeros(num_logical, jnp.int32).at[order].set(pages)
+  score = jnp.where(candidate & ~jnp.isnan(page_score), page_score, -jnp.inf)
   num_forced = jnp.sum(forced_page, dtype=jnp.int32)
   room = jnp.maximum(jnp.minimum(budget, capacity) - num_forced, 0)
-  chosen = candidate & (rank < room)
-  selected_page = jnp.repeat(forced_page | chosen, ps)
-  selected = forced_token | (attend_token & selected_page)
-  return selected, jnp.any(candidate & ~chosen), num_forced <= capacity
+  take = jnp.minimum(room, jnp.sum(candidate, dtype=jnp.int32))
+  cut = jnp.sort(score)[::-1][jnp.maximum(take - 1, 0)]  # The take-th best candidate score.
+  above = candidate & (score > cut)
+  tied = candidate & (score == cut)
+  tied_from_here = jnp.cumsum(tied[::-1], dtype=jnp.int32)[::-1]  # Ties at or after each page.
+  chosen = (take > 0) & (above | (tied & (tied_from_here <= take - jnp.sum(above))))
+  return forced_page | chosen, jnp.any(candidate & ~chosen), num_forced <= capacity
+
+
+def _pages_in_range(per_page_before, first_token, end_token, ps):
+  """How many pages counted by `per_page_before` (i32[pages + 1], a running count) meet tokens
+  [first_token, end_token); 0 for an empty range."""
+  num_logical = per_page_before.shape[0] - 1
+  first = jnp.clip(first_token // ps, 0, num_logical)
+  end = jnp.clip((end_token + ps - 1) // ps, first, num_logical)
+  return jnp.where(end_token > first_token, per_page_before[end] - per_page_before[first], 0)
 
 
 def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure,
@@ -230,16 +237,21 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
                                          int(Reason.BELOW_THRESHOLD)))
   else:
     attend_token = in_seq & with_gap(attend_block, False)[block_of_token]
-    selected, overflow, forced_fit = _select_pages(
-        forced_token, forced_page, attend_token, page_score, budget, capacity=capacity, ps=ps,
-        by_page=by_page)
-    # Per block: its tokens in the sequence, selected, selected outside the window.
-    block_ids = jnp.where(in_seq, block_of_token, starts.shape[0])
-    count = lambda mask: jax.ops.segment_sum(mask.astype(jnp.int32), block_ids,
-                                             num_segments=starts.shape[0] + 1)[:-1]
-    all_selected = count(selected) == count(in_seq)
+    candidate = by_page(attend_token).any(axis=1) & ~forced_page
+    page_selected, overflow, forced_fit = _select_pages(
+        forced_page, candidate, page_score, budget, capacity=capacity)
+    selected = forced_token | (attend_token & jnp.repeat(page_selected, ps))
+    # An ATTEND token is selected iff its page is, so a block's decision needs pages only.
+    selected_before = jnp.concatenate(
+        [jnp.zeros(1, jnp.int32), jnp.cumsum(page_selected, dtype=jnp.int32)])
+    in_seq_end = jnp.minimum(ends, length)
+    window_start = seq_len - config.recent_tokens
+    all_selected = (_pages_in_range(selected_before, starts, in_seq_end, ps) ==
+                    _pages_in_range(jnp.arange(num_logical + 1), starts, in_seq_end, ps))
     attended = reached & (forced_block | (attend_block & all_selected))
-    partial = reached & attend_block & ~attended & (count(selected & ~in_window) > 0)
+    outside_window = _pages_in_range(selected_before, starts,
+                                     jnp.minimum(in_seq_end, window_start), ps)
+    partial = reached & attend_block & ~attended & (outside_window > 0)
     attend_reasons = jnp.where(attended | partial, int(Reason.QUERY_SELECTED),
                                int(Reason.QUERY_DROPPED))
   truncated = ~forced_fit | (seq_len > num_tokens)

@@ -75,7 +75,14 @@ def check_query(q: jax.Array, config: cache_lib.CacheConfig):
         f" heads, head_dim={c.head_dim}] for this cache, got {q.dtype}{list(q.shape)}")
 
 
-def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> jax.Array:
+# Page-bound implementations tried in order (the first that does not raise NotImplementedError)
+# when `implementation` is None; "reference" is the jax.numpy version and takes every input.
+DEFAULT_BOUND_ORDER = {"gpu": ("pallas_gpu", "reference"), "tpu": ("pallas_tpu", "reference")}
+BOUND_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
+
+
+def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
+                      implementation: str | None = None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: for each logical page and kv head, a bound no
   logit of the page's stored keys exceeds, for any query head of the group and query token.
 
@@ -88,11 +95,47 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> 
     q: [batch, q_len, num_q_heads, head_dim], batch = the cache's max_seqs.
     cache: the paged cache (its key bounds).
     scale: logit scale; default 1 / sqrt(head_dim).
+    implementation: one of BOUND_IMPLEMENTATIONS; default the platform's kernel where it takes
+      the input, else "reference". The kernels (pallas_kernels/*/page_upper_bounds.py) must
+      equal "reference".
   """
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+  check_query(q, cache.config)
+  if implementation is None:
+    names = DEFAULT_BOUND_ORDER.get(jax.default_backend(), ("reference",))
+  elif implementation in BOUND_IMPLEMENTATIONS:
+    names = (implementation,)
+  else:
+    raise ValueError(
+        f"implementation={implementation!r} must be None or one of {BOUND_IMPLEMENTATIONS}")
+  for name in names[:-1]:
+    try:
+      return _bound_kernel(name)(q, cache, scale=scale)
+    except NotImplementedError:
+      continue
+  return _bound_kernel(names[-1])(q, cache, scale=scale)
+
+
+def _bound_kernel(name: str):
+  """The page-bound function called `name` (kernels are imported here: they build on this
+  package)."""
+  if name == "reference":
+    return reference_page_upper_bounds
+  platform = name.removeprefix("pallas_")
+  if jax.default_backend() != platform:
+    raise NotImplementedError(f"{name} runs on {platform.upper()}s")
+  if platform == "gpu":
+    from pallas_kernels.gpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
+  else:
+    from pallas_kernels.tpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
+  return kernel.page_upper_bounds
+
+
+def reference_page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *,
+                                scale=None) -> jax.Array:
+  """`page_upper_bounds` in jax.numpy: the answer the kernels must give."""
   c = cache.config
-  check_query(q, c)
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = c.num_kv_heads
   scale = head_dim**-0.5 if scale is None else scale
@@ -127,18 +170,20 @@ def page_max_logits(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> ja
   return logits.reshape(batch, c.max_pages_per_seq, c.page_size, c.num_kv_heads).max(axis=2)
 
 
-def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
-                exact: bool = False) -> jax.Array:
+def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None, exact: bool = False,
+                implementation: str | None = None) -> jax.Array:
   """f32[batch, max_pages_per_seq]: how much a page can matter to the query, for choosing pages.
 
   Per kv head, the page's logit bound minus the head's largest bound over the sequence's pages
   (<= 0; 0 for the page that may hold the head's largest logit), so that heads with different
   logit scales compare; the score is the maximum over kv heads: a page counts if any head may
   want it. Unmapped pages give -inf. exact=True ranks by `page_max_logits` instead of the bounds
-  (an oracle: it reads every key).
+  (an oracle: it reads every key). `implementation` picks the bound's (`page_upper_bounds`).
   """
-  per_head = page_max_logits if exact else page_upper_bounds
-  return head_relative_scores(per_head(q, cache, scale=scale))
+  if exact:
+    return head_relative_scores(page_max_logits(q, cache, scale=scale))
+  return head_relative_scores(page_upper_bounds(q, cache, scale=scale,
+                                                implementation=implementation))
 
 
 def head_relative_scores(bounds: jax.Array) -> jax.Array:

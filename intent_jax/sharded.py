@@ -473,7 +473,8 @@ def _page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
   partition, num_shards = cache.partition, cache.num_page_shards
 
   def body(q, part):
-    bounds = scoring.page_upper_bounds(q, _unstack(part), scale=scale)  # [B, local pages, h]
+    bounds = scoring.page_upper_bounds(  # [B, local pages, h]; the kernels are not run
+        q, _unstack(part), scale=scale, implementation="reference")  # under shard_map.
     bounds = _gather_page_shards(bounds, partition, num_shards)  # [shards, B, local pages, h]
     bounds = jnp.moveaxis(bounds, 0, 2)
     return bounds.reshape(bounds.shape[0], -1, bounds.shape[-1])  # Page j * shards + s.

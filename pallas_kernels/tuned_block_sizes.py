@@ -27,6 +27,9 @@ GPU_DECODE_BLOCKS = {
     128: GpuDecodeBlocks(pages_per_block=1, num_warps=4, num_stages=2),
     256: GpuDecodeBlocks(pages_per_block=1, num_warps=8, num_stages=2),
 }
+# The GPU page-bound (scoring) kernel: logical pages per program and warps.
+GPU_BOUND_PAGES_PER_BLOCK = 64
+GPU_BOUND_NUM_WARPS = 4
 # Programs per multiprocessor the split count aims for: enough to hide memory latency.
 GPU_PROGRAMS_PER_CORE = 4
 GPU_DEFAULT_CORES = 132  # An H100 SXM; used when the device does not say.
@@ -48,6 +51,8 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_bloc
 # two blocks in flight are 2 x 256 x head_dim x 2 arrays' worth of DMAs (256 KiB for a bf16 head
 # of 128). docs/tpu.md derives this from the chips' bandwidth; it is a plan, not a measurement.
 TPU_PAGES_PER_BLOCK = {16: 16, 32: 8, 64: 4, 128: 2, 256: 1}
+# TPU page-bound (scoring) kernel: logical pages per DMA block, one lane row of bounds.
+TPU_BOUND_PAGES_PER_BLOCK = 128
 TPU_TENSORCORES = 2  # Megacore chips (v4, v5p); single-core chips run the same grid on one core.
 
 

@@ -206,19 +206,27 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   return out if return_lse else out.astype(q.dtype)
 
 
-def prepare(q, cache, table, q_positions, pages_per_block):
-  """The kernel's inputs besides the pools: (bounds, slots, pages, bits, row positions, q rows).
-
-  Query rows of a kv head are (query head in the group, query token), padded for the matmul.
-  """
+def query_rows(q, num_kv_heads: int):
+  """GQA packing: the query rows of each kv head, row g * q_len + t for query head g of the
+  group and token t, zero-padded to a matmul tile: ([batch, kv heads, rows, head_dim], rows
+  used)."""
   batch, q_len, num_q_heads, head_dim = q.shape
-  num_kv_heads = cache.config.num_kv_heads
   group = num_q_heads // num_kv_heads
   used_rows = group * q_len
   rows = max(MIN_ROWS, _next_power_of_two(used_rows))
   q_rows = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
   q_rows = q_rows.reshape(batch, num_kv_heads, used_rows, head_dim)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+  return jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0))), used_rows
+
+
+def prepare(q, cache, table, q_positions, pages_per_block):
+  """The kernel's inputs besides the pools: (bounds, slots, pages, bits, row positions, q rows).
+
+  Query rows of a kv head are (query head in the group, query token), padded for the matmul.
+  """
+  group = q.shape[2] // cache.config.num_kv_heads
+  q_rows, used_rows = query_rows(q, cache.config.num_kv_heads)
+  rows = q_rows.shape[2]
   row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))  # row g * q_len + t -> token t
   row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used_rows)), constant_values=-1)
   capacity = _next_power_of_two(table.max_pages + pages_per_block)  # One block of padding.

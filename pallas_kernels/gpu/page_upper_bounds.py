@@ -1,0 +1,96 @@
+"""Query page bounds on GPU, in Pallas (Triton backend): the scoring kernel of query-aware routing.
+
+Reference: `intent_jax.scoring.page_upper_bounds` (jax.numpy), the answer this must match.
+
+Work: one program per (sequence, kv head, block of `pages_per_block` logical pages). It reads
+the block's (pool, slot) entries, gathers each page's key bounds from the pool that stores it
+(a masked load per pool, so no page is read twice), and bounds every query row of the kv head
+at once: q+ . key_max + q- . key_min as two float32 matmuls (no TF32: a bound must not round
+below the logit it bounds), maximum over the rows used. The cache's bounds are read where they
+are stored: no per-sequence copy of them is made first.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from intent_jax import cache as cache_lib
+from intent_jax.precision import Precision
+from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import selected_page_decode
+
+
+def static_validate_inputs(q, cache) -> None:
+  """Raises NotImplementedError for inputs this kernel does not handle (the caller then uses
+  the jax.numpy version). Shapes were checked by the caller."""
+  if not isinstance(cache, cache_lib.KVCache):
+    raise NotImplementedError("the pallas_gpu page bounds read a paged KVCache")
+  head_dim = cache.config.head_dim
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    raise NotImplementedError(f"the pallas_gpu page bounds need head_dim a power of two >= 16,"
+                              f" got {head_dim}")
+
+
+def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, used_rows, scale):
+  bound_refs, out_ref = refs[:-1], refs[-1]
+  pool, slot = pool_ref[...], slot_ref[...]
+  q_pos, q_neg = q_pos_ref[...], q_neg_ref[...]
+  rows = q_pos.shape[0]
+  dot = functools.partial(plgpu.dot, trans_b=True, allow_tf32=False)
+  bound = jnp.full(pool.shape, -jnp.inf, jnp.float32)
+  for i, precision in enumerate(precisions):
+    lower_ref, upper_ref = bound_refs[2 * i], bound_refs[2 * i + 1]
+    here = pool == int(precision)
+    at = (jnp.where(here, slot, 0)[:, None], jnp.arange(q_pos.shape[1])[None, :])
+    load = lambda ref: plgpu.load(ref.at[at], mask=here[:, None], other=0.0)
+    per_row = dot(q_pos, load(upper_ref)) + dot(q_neg, load(lower_ref))  # [rows, pages]
+    per_row = jnp.where(jnp.arange(rows)[:, None] < used_rows, per_row, -jnp.inf)
+    bound = jnp.where(here, jnp.max(per_row, axis=0) * scale, bound)
+  out_ref[...] = bound
+
+
+def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: bool = False,
+                      pages_per_block: int | None = None) -> jax.Array:
+  """f32[batch, max_pages_per_seq, num_kv_heads]: `scoring.page_upper_bounds`, in one kernel.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim], batch = the cache's max_seqs.
+    cache: KVCache; every pool's key bounds are read where they are stored.
+    scale: logit scale; default 1 / sqrt(head_dim).
+    interpret: run in Pallas interpret mode (CPU tests).
+    pages_per_block: logical pages per program; default from tuned_block_sizes.
+  """
+  static_validate_inputs(q, cache)
+  c = cache.config
+  block = pages_per_block or tuned_block_sizes.GPU_BOUND_PAGES_PER_BLOCK
+  scale = q.shape[-1]**-0.5 if scale is None else scale
+  q_rows, used_rows = selected_page_decode.query_rows(q.astype(jnp.float32), c.num_kv_heads)
+  batch, num_kv_heads, rows, head_dim = q_rows.shape
+  num_blocks = -(-c.max_pages_per_seq // block)
+  pad = ((0, 0), (0, num_blocks * block - c.max_pages_per_seq))
+  page_pool = jnp.pad(cache.page_pool, pad, constant_values=cache_lib.UNMAPPED)
+  page_slot = jnp.pad(cache.page_slot, pad, constant_values=cache_lib.UNMAPPED)
+  present = [pool for pool in cache.pools if pool.num_pages > 0]
+  arrays = [page_pool, page_slot, jnp.maximum(q_rows, 0.0), jnp.minimum(q_rows, 0.0)]
+  entries = pl.BlockSpec((None, block), lambda b, h, j: (b, j))
+  query = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))
+  in_specs = [entries, entries, query, query]
+  for pool in present:
+    arrays += [pool.key_min, pool.key_max]
+    in_specs += [pl.BlockSpec((None,) + pool.key_min.shape[1:], lambda b, h, j: (h, 0, 0))] * 2
+  kernel = functools.partial(_kernel, precisions=tuple(Precision(p.precision) for p in present),
+                             used_rows=used_rows, scale=float(scale))
+  bounds = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads, num_blocks),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, block), lambda b, h, j: (b, h, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, num_blocks * block), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=tuned_block_sizes.GPU_BOUND_NUM_WARPS),
+      interpret=interpret,
+      name="page_upper_bounds",
+  )(*arrays)
+  return jnp.moveaxis(bounds[:, :, :c.max_pages_per_seq], 1, 2)
