@@ -6,7 +6,8 @@ For each (batch, tokens) shape and page size it measures, on the same random dat
   * per selection (random sorted page sets): JAX's Pallas GPU `paged_attention` over the same
     pages (same bytes), XLA gather of those pages + dense attention, and this library's
     implementation with the pages stored in BF16, INT8, FP8, INT4 or a mix,
-  * with --traces, tables routed from the synthetic agentic traces of that length.
+  * with --traces, tables routed from the synthetic agentic traces of that length,
+  * with --query_selection, what choosing pages by the query costs (`select_pages`).
 Bytes are K and V of the pages each variant must read, once, scales included; GB/s is bytes over
 time; "% copy" is that over the copy ceiling measured in the same run. With --check, each of this
 library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
@@ -55,12 +56,13 @@ _PRECISIONS = flags.DEFINE_list("precisions", ["bf16", "int8", "fp8", "int4", "m
                                 "selection only.")
 _TRACES = flags.DEFINE_bool("traces", False, "Also route the synthetic agentic traces.")
 _QUERY_SELECTION = flags.DEFINE_bool(
-    "query_selection", True, "Also time query-aware page selection (scoring.page_scores, then "
-    "route with a budget of the first selection's pages) on the agentic trace layout.")
+    "query_selection", True, "Also time query-aware page selection (scoring.page_scores per bound "
+    "implementation, route, and both inside a step of --mesh_layers layers) with a budget of the "
+    "first selection's pages, on the agentic trace layout.")
 _MESH = flags.DEFINE_list("mesh", [], "Mesh shapes, heads x pages devices, for sharded rows.")
 _MESH_LAYERS = flags.DEFINE_integer(
-    "mesh_layers", 8, "Mesh rows also time this many decode calls (different queries, the same "
-    "cache and table) in one jitted call, as a model step's layers: the per-layer cost.")
+    "mesh_layers", 8, "Mesh and query-selection rows also time this many decode calls (different "
+    "queries, the same cache) in one jitted call, as a model step's layers: the per-layer cost.")
 _PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
@@ -73,24 +75,59 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this J
 
 
 def select_pages(record, cache, q, fraction, kernel_seconds, measure):
-  """Times query-aware selection over `cache` (every page mapped): the page scores alone, and
-  scores + route to a table of `fraction` of the pages; bytes are the key bounds read."""
+  """Times query-aware selection over `cache` (every page mapped) on the agentic trace layout,
+  with a budget of `fraction` of the pages: the page scores from each bound implementation, the
+  route alone, scores + route; then, as inside a model step, --mesh_layers layers in one jitted
+  call (each its own query), decode alone over tables routed beforehand vs scores + route +
+  decode, whose difference per layer is what selection adds to a step."""
   c = cache.config
   batch, num_tokens, page_size = c.max_seqs, c.max_seq_len, c.page_size
   layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
   lengths = jnp.full((batch,), num_tokens, jnp.int32)
   config = router.RouterConfig(page_size=page_size, recent_tokens=1024)
   budget = jnp.int32(round(fraction * num_tokens / page_size))
-  select = jax.jit(lambda q, cache, layout, budget: router.route(
-      layout, lengths, config, query=q, cache=cache, budget=budget))
+  routed = lambda q, cache: router.route(layout, lengths, config, query=q, cache=cache,
+                                         budget=budget)
   bounds_bytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
                   cache_lib.SUMMARY_BYTES_PER_CHANNEL)
-  for name, fn, args in (("query page scores (jnp)", jax.jit(scoring.page_scores), (q, cache)),
-                         ("query page scores + route (jnp)", select, (q, cache, layout, budget))):
-    seconds = measure(fn, *args)
-    extra = {} if kernel_seconds is None else dict(pct_of_kernel=100 * seconds / kernel_seconds)
-    record(name, batch, num_tokens, page_size, str(fraction), "bounds", seconds, bounds_bytes, 0,
-           **extra)
+  extra = lambda seconds: ({} if kernel_seconds is None else
+                           dict(pct_of_kernel=100 * seconds / kernel_seconds))
+  reference_scores = jax.jit(functools.partial(scoring.page_scores, implementation="reference"))
+  expected = reference_scores(q, cache)
+  for name in scoring.BOUND_IMPLEMENTATIONS:
+    scores = jax.jit(functools.partial(scoring.page_scores, implementation=name))
+    try:
+      max_diff = float(jnp.max(jnp.where(jnp.isfinite(expected),
+                                         jnp.abs(scores(q, cache) - expected), 0.0)))
+    except NotImplementedError:
+      continue
+    seconds = measure(scores, q, cache)
+    record(f"query page scores ({name})", batch, num_tokens, page_size, str(fraction), "bounds",
+           seconds, bounds_bytes, 0, max_abs_diff=max_diff, **extra(seconds))
+  route_only = jax.jit(lambda scores: router.route(layout, lengths, config, page_scores=scores,
+                                                   budget=budget))
+  seconds = measure(route_only, expected)
+  record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
+         **extra(seconds))
+  seconds = measure(jax.jit(routed), q, cache)
+  record("query page scores + route", batch, num_tokens, page_size, str(fraction), "bounds",
+         seconds, bounds_bytes, 0, **extra(seconds))
+
+  decode_layer = functools.partial(attention.decode_attention, implementation=_IMPLEMENTATION.value)
+  queries = jax.random.normal(jax.random.key(2), (_MESH_LAYERS.value,) + q.shape, q.dtype)
+  tables = jax.jit(jax.vmap(routed, in_axes=(0, None)))(queries, cache)
+  decode_only = jax.jit(lambda qs, cache, tables: jax.lax.map(
+      lambda x: decode_layer(x[0], cache, x[1]), (qs, tables)))
+  in_step = jax.jit(lambda qs, cache: jax.lax.map(lambda x: decode_layer(x, cache, routed(x, cache)),
+                                                  qs))
+  same = report.relative_error(in_step(queries, cache), decode_only(queries, cache, tables))
+  layers = _MESH_LAYERS.value
+  decode_us = 1e6 * measure(decode_only, queries, cache, tables) / layers
+  step_us = 1e6 * measure(in_step, queries, cache) / layers
+  read = float(jnp.mean(tables.num_pages)) / c.max_pages_per_seq
+  record("per layer: scores + route + decode", batch, num_tokens, page_size, f"{read:.3f}",
+         "bf16", step_us / 1e6, 0, 0, rel_err_vs_routed_before=same, decode_only_us=decode_us, selection_us=step_us - decode_us,
+         selection_pct_of_decode=100 * (step_us - decode_us) / decode_us)
 
 
 def merge_floor(mesh, q_shape):

@@ -1,13 +1,16 @@
 """Query page bounds on GPU, in Pallas (Triton backend): the scoring kernel of query-aware routing.
 
-Reference: `intent_jax.scoring.page_upper_bounds` (jax.numpy), the answer this must match.
+Reference: `intent_jax.scoring.reference_page_upper_bounds` (jax.numpy), the answer this must
+match.
 
 Work: one program per (sequence, kv head, block of `pages_per_block` logical pages). It reads
 the block's (pool, slot) entries, gathers each page's key bounds from the pool that stores it
-(a masked load per pool, so no page is read twice), and bounds every query row of the kv head
-at once: q+ . key_max + q- . key_min as two float32 matmuls (no TF32: a bound must not round
-below the logit it bounds), maximum over the rows used. The cache's bounds are read where they
-are stored: no per-sequence copy of them is made first.
+(a masked load per pool, so no page is read twice) and bounds them for each query row of the kv
+head: q+ . key_max + q- . key_min in float32 multiply-adds (no TF32: a bound must not round
+below the logit it bounds), maximum over the rows. The cache's bounds are read where they are
+stored: no per-sequence copy of them is made first. Rows are a static loop rather than a matmul:
+with TF32 off, Triton's float32 `dot` ran this kernel at 400-800 GB/s on an H100, the loop at
+2500 GB/s (BENCHMARKS.md).
 """
 
 import functools
@@ -37,23 +40,24 @@ def static_validate_inputs(q, cache) -> None:
 def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, used_rows, scale):
   bound_refs, out_ref = refs[:-1], refs[-1]
   pool, slot = pool_ref[...], slot_ref[...]
-  q_pos, q_neg = q_pos_ref[...], q_neg_ref[...]
-  rows = q_pos.shape[0]
-  dot = functools.partial(plgpu.dot, trans_b=True, allow_tf32=False)
+  head_dim = q_pos_ref.shape[1]
   bound = jnp.full(pool.shape, -jnp.inf, jnp.float32)
   for i, precision in enumerate(precisions):
     lower_ref, upper_ref = bound_refs[2 * i], bound_refs[2 * i + 1]
     here = pool == int(precision)
-    at = (jnp.where(here, slot, 0)[:, None], jnp.arange(q_pos.shape[1])[None, :])
+    at = (jnp.where(here, slot, 0)[:, None], jnp.arange(head_dim)[None, :])
     load = lambda ref: plgpu.load(ref.at[at], mask=here[:, None], other=0.0)
-    per_row = dot(q_pos, load(upper_ref)) + dot(q_neg, load(lower_ref))  # [rows, pages]
-    per_row = jnp.where(jnp.arange(rows)[:, None] < used_rows, per_row, -jnp.inf)
-    bound = jnp.where(here, jnp.max(per_row, axis=0) * scale, bound)
+    upper, lower = load(upper_ref), load(lower_ref)  # [pages, head_dim]
+    best = None
+    for r in range(used_rows):
+      row = jnp.sum(upper * q_pos_ref[r, :][None, :] + lower * q_neg_ref[r, :][None, :], axis=1)
+      best = row if best is None else jnp.maximum(best, row)
+    bound = jnp.where(here, best * scale, bound)
   out_ref[...] = bound
 
 
 def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: bool = False,
-                      pages_per_block: int | None = None) -> jax.Array:
+                      pages_per_block: int | None = None, variant="masked_fma", num_warps=None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: `scoring.page_upper_bounds`, in one kernel.
 
   Args:

@@ -1,6 +1,7 @@
 """Query page bounds on TPU, in Pallas (Mosaic): the scoring kernel of query-aware routing.
 
-Reference: `intent_jax.scoring.page_upper_bounds` (jax.numpy), the answer this must match.
+Reference: `intent_jax.scoring.reference_page_upper_bounds` (jax.numpy), the answer this must
+match.
 
 Work: one program per (sequence, kv head); both grid dimensions are parallel (megacore). The
 cache's page map (pool and slot of every logical page) is scalar-prefetched into SMEM. A program
