@@ -5,7 +5,8 @@ Storage is one pool of pages per Precision. A pool holds, for every kv head, `nu
   k, v:             [num_kv_heads, num_pages, page_size, head_dim] (INT4: head_dim // 2 bytes),
   k_scale:          f32[num_kv_heads, num_pages, head_dim], one per channel of a page (quantized),
   v_scale:          f32[num_kv_heads, num_pages, page_size], one per token (quantized),
-  key_min, key_max: f32[num_kv_heads, num_pages, head_dim], channel-wise bounds of the stored K.
+  key_min, key_max: bf16[num_kv_heads, num_pages, head_dim], channel-wise bounds of the stored K,
+                    rounded outward (min down, max up) so that they still hold every key.
 The K/V split of scales is KIVI's: keys have outlier channels, so a scale per channel keeps them
 from flattening every other channel; values are spread per token. The BF16 pool stores values in
 the cache's `dtype` (bfloat16 by default, float32 where a test needs exact storage).
@@ -37,7 +38,8 @@ from intent_jax.validation import is_int, is_traced, require_positive_ints
 UNMAPPED = -1
 K_SCALE_AXIS = -2  # K pages [..., page_size, head_dim]: reduce over tokens, a scale per channel.
 V_SCALE_AXIS = -1  # V pages: reduce over channels, a scale per token.
-SUMMARY_BYTES_PER_CHANNEL = 8  # float32 key_min and key_max.
+SUMMARY_DTYPE = jnp.bfloat16  # Of key_min and key_max: half the bytes of float32, rounded outward.
+SUMMARY_BYTES_PER_CHANNEL = 2 * jnp.dtype(SUMMARY_DTYPE).itemsize
 _FULL_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -166,8 +168,8 @@ def empty_pool(config: CacheConfig, precision: Precision) -> Pool:
       v=data(),
       k_scale=jnp.zeros((h, n, d), jnp.float32) if quantized else None,
       v_scale=jnp.zeros((h, n, ps), jnp.float32) if quantized else None,
-      key_min=jnp.full((h, n, d), jnp.inf, jnp.float32),
-      key_max=jnp.full((h, n, d), -jnp.inf, jnp.float32),
+      key_min=jnp.full((h, n, d), jnp.inf, SUMMARY_DTYPE),
+      key_max=jnp.full((h, n, d), -jnp.inf, SUMMARY_DTYPE),
       free_slots=jnp.arange(n - 1, -1, -1, dtype=jnp.int32),  # Slot 0 on top.
       num_free=jnp.asarray(n, jnp.int32),
       precision=precision,
@@ -284,8 +286,8 @@ def page_key_bounds(cache: KVCache):
       continue
     here = (cache.page_pool == int(precision))[..., None, None]
     slots = jnp.clip(cache.page_slot, 0, pool.num_pages - 1)
-    lower = jnp.where(here, jnp.moveaxis(pool.key_min[:, slots], 0, 2), lower)
-    upper = jnp.where(here, jnp.moveaxis(pool.key_max[:, slots], 0, 2), upper)
+    lower = jnp.where(here, jnp.moveaxis(pool.key_min[:, slots], 0, 2).astype(jnp.float32), lower)
+    upper = jnp.where(here, jnp.moveaxis(pool.key_max[:, slots], 0, 2).astype(jnp.float32), upper)
   return lower, upper
 
 
@@ -317,13 +319,28 @@ def plan_write(cache: KVCache, counts):
 
 def _key_bounds(pages, page_ids, lengths):
   """Channel-wise min and max over the stored tokens of pages [H, B, K, ps, D] at logical
-  page_ids [B, K] of sequences of `lengths` [B]: f32[H, B, K, D] each."""
+  page_ids [B, K] of sequences of `lengths` [B], as stored (`stored_bounds`): [H, B, K, D] each."""
   ps = pages.shape[-2]
   positions = page_ids[..., None] * ps + jnp.arange(ps)
   stored = (positions < lengths[:, None, None])[None, ..., None]
   values = pages.astype(jnp.float32)
-  return (jnp.min(jnp.where(stored, values, jnp.inf), axis=-2),
-          jnp.max(jnp.where(stored, values, -jnp.inf), axis=-2))
+  return stored_bounds(jnp.min(jnp.where(stored, values, jnp.inf), axis=-2),
+                       jnp.max(jnp.where(stored, values, -jnp.inf), axis=-2))
+
+
+def stored_bounds(lower, upper):
+  """float32 key bounds as the cache stores them, SUMMARY_DTYPE: `lower` rounded toward -inf and
+  `upper` toward +inf, so the stored box still holds every key (exact: on the bits)."""
+
+  def toward(x, up: bool):
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    inexact = (bits & 0xFFFF) != 0
+    negative = (bits >> 31) == 1
+    # Dropping the low 16 bits rounds toward zero: step away from zero where that is the way.
+    high = (bits >> 16) + (inexact & (negative != up)).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(high.astype(jnp.uint16), SUMMARY_DTYPE)
+
+  return toward(lower, up=False), toward(upper, up=True)
 
 
 def write_tokens(cache: KVCache, k, v, counts, agree=None):
@@ -539,8 +556,8 @@ def _apply_precision(cache: KVCache, table: PageTable) -> KVCache:
     dest = jnp.where(got, new_slot, pool.num_pages)  # Out of range: dropped.
     k_q = quant.quantize(k_pages, target, K_SCALE_AXIS)
     v_q = quant.quantize(v_pages, target, V_SCALE_AXIS)
-    lower = jnp.min(quant.dequantize(k_q), axis=-2)
-    upper = jnp.max(quant.dequantize(k_q), axis=-2)
+    lower, upper = stored_bounds(jnp.min(quant.dequantize(k_q), axis=-2),
+                                 jnp.max(quant.dequantize(k_q), axis=-2))
     put = lambda stored, value: stored.at[:, dest].set(value, mode="drop")
     pools[target] = dataclasses.replace(
         pool,

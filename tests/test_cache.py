@@ -75,8 +75,18 @@ def _assert_holds(test, cache, mirror, dtype=np.float32):
     for page in range(-(-n // PS)):
       pool = cache.pools[page_pool[b, page]]
       stored = k[b, page * PS:min(n, (page + 1) * PS)]
-      np.testing.assert_array_equal(pool.key_min[:, page_slot[b, page]], stored.min(0))
-      np.testing.assert_array_equal(pool.key_max[:, page_slot[b, page]], stored.max(0))
+      _assert_tightest_outward(pool.key_min[:, page_slot[b, page]], stored.min(0), np.inf)
+      _assert_tightest_outward(pool.key_max[:, page_slot[b, page]], stored.max(0), -np.inf)
+
+
+def _assert_tightest_outward(bound, exact, inward):
+  """`bound` (bfloat16) is on the outer side of `exact` (float32) and its next bfloat16 value
+  toward `inward` is not: the closest bfloat16 bound."""
+  bound = np.asarray(bound)
+  outside = bound.astype(np.float32) <= exact if inward > 0 else bound.astype(np.float32) >= exact
+  after = np.nextafter(bound, np.asarray(inward, bound.dtype)).astype(np.float32)
+  next_not = after > exact if inward > 0 else after < exact
+  np.testing.assert_array_equal(outside & next_not, True, err_msg=f"{bound} around {exact}")
 
 
 class CacheWriteTest(parameterized.TestCase):
@@ -330,12 +340,12 @@ class AccountingAndConsistencyTest(absltest.TestCase):
     self.assertEqual(float(cache_lib.memory_pressure(cache)), 0.0)
     k, v = _kv(0, 3, 64)
     cache = cache_lib.prefill(cache, k, v, jnp.asarray([64, 17, 5]))
-    per_page = H * (2 * PS * D * 4 + 8 * D)  # float32 K and V, plus key bounds.
+    per_page = H * (2 * PS * D * 4 + 4 * D)  # float32 K and V, plus bfloat16 key bounds.
     self.assertEqual(config.stored_page_bytes(B16), per_page)
     np.testing.assert_array_equal(cache_lib.bytes_in_use(cache), [7 * per_page, 0, 0, 0])
     self.assertAlmostEqual(float(cache_lib.memory_pressure(cache)),
                            7 * per_page / sum(cache_lib.capacity_bytes(config)), places=6)
-    int4_page = H * (2 * PS * D // 2 + 4 * (D + PS) + 8 * D)
+    int4_page = H * (2 * PS * D // 2 + 4 * (D + PS) + 4 * D)
     self.assertEqual(config.stored_page_bytes(INT4), int4_page)
 
   def test_table_for_other_lengths_gives_nan_rows(self):

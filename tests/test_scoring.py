@@ -108,7 +108,8 @@ class PageUpperBoundsTest(parameterized.TestCase):
       scoring.page_upper_bounds(jnp.ones((2, 1, 4, 16)), (None, None))
 
   def test_a_page_of_one_token_is_bounded_exactly(self):
-    cache = self._cache(3, "float32", [1, 33])
+    # bfloat16 keys: the stored (bfloat16) bounds of one key are the key itself.
+    cache = self._cache(3, "bfloat16", [1, 33])
     q = jax.random.normal(jax.random.key(4), (2, 1, 4, 16))
     bounds = np.asarray(scoring.page_upper_bounds(q, cache, scale=1.0))
     k, _ = cache_lib.dequantized_kv(cache)

@@ -5,8 +5,8 @@ match.
 
 Work: one program per (sequence, kv head, block of `pages_per_block` logical pages). It reads
 the block's (pool, slot) entries, gathers each page's key bounds from the pool that stores it
-(a masked load per pool, so no page is read twice) and bounds them for each query row of the kv
-head: q+ . key_max + q- . key_min in float32 multiply-adds (no TF32: a bound must not round
+(a masked load per pool, so no page is read twice; bfloat16, upcast in registers) and bounds
+them for each query row of the kv head: q+ . key_max + q- . key_min in float32 multiply-adds (no TF32: a bound must not round
 below the logit it bounds), maximum over the rows. The cache's bounds are read where they are
 stored: no per-sequence copy of them is made first. Rows are a static loop rather than a matmul:
 with TF32 off, Triton's float32 `dot` ran this kernel at 400-800 GB/s on an H100, the loop at
@@ -46,7 +46,7 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, used_ro
     lower_ref, upper_ref = bound_refs[2 * i], bound_refs[2 * i + 1]
     here = pool == int(precision)
     at = (jnp.where(here, slot, 0)[:, None], jnp.arange(head_dim)[None, :])
-    load = lambda ref: plgpu.load(ref.at[at], mask=here[:, None], other=0.0)
+    load = lambda ref: plgpu.load(ref.at[at], mask=here[:, None], other=0).astype(jnp.float32)
     upper, lower = load(upper_ref), load(lower_ref)  # [pages, head_dim]
     best = None
     for r in range(used_rows):

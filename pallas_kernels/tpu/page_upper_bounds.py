@@ -8,7 +8,7 @@ cache's page map (pool and slot of every logical page) is scalar-prefetched into
 walks the sequence's logical pages in blocks of `pages_per_block` (a lane row of bounds): it
 starts the copies of the next block's key bounds (HBM -> VMEM, one DMA per page and bound, from
 the pool that stores the page; unmapped pages move nothing) before bounding the current block
-from the other buffer, for every query row of the kv head at once: q+ . key_max + q- . key_min as
+from the other buffer (bfloat16, upcast in VMEM), for every query row of the kv head at once: q+ . key_max + q- . key_min as
 two float32 matmuls at HIGHEST precision (a bound must not round below the logit it bounds),
 maximum over the rows used. Unmapped pages (no copy: their buffer rows are stale) are set to
 -inf after the kernel, from the page map.
@@ -85,7 +85,8 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, pages_p
 
     copies(block, buffer, "wait")
     pages = pl.ds(pl.multiple_of(block * pages_per_block, pages_per_block), pages_per_block)
-    per_row = nt_dot(q_pos, upper_buf[buffer]) + nt_dot(q_neg, lower_buf[buffer])
+    upper, lower = (buf[buffer].astype(jnp.float32) for buf in (upper_buf, lower_buf))
+    per_row = nt_dot(q_pos, upper) + nt_dot(q_neg, lower)
     per_row = jnp.where(jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 0) < used_rows,
                         per_row, -jnp.inf)
     out_ref[pages] = jnp.max(per_row, axis=0) * scale
@@ -134,8 +135,8 @@ def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: boo
           grid=(batch, c.num_kv_heads),
           in_specs=[query, query] + [pl.BlockSpec(memory_space=pl.ANY)] * len(bound_arrays),
           out_specs=pl.BlockSpec((None, None, num_pages), lambda b, h, *_: (b, h, 0)),
-          scratch_shapes=[pltpu.VMEM((2, block, head_dim), jnp.float32),
-                          pltpu.VMEM((2, block, head_dim), jnp.float32),
+          scratch_shapes=[pltpu.VMEM((2, block, head_dim), cache_lib.SUMMARY_DTYPE),
+                          pltpu.VMEM((2, block, head_dim), cache_lib.SUMMARY_DTYPE),
                           pltpu.SemaphoreType.DMA((2,))],
       ),
       out_shape=jax.ShapeDtypeStruct((batch, c.num_kv_heads, num_pages), jnp.float32),
