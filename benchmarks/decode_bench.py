@@ -77,9 +77,10 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this J
 def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   """Times query-aware selection over `cache` (every page mapped) on the agentic trace layout,
   with a budget of `fraction` of the pages: the page scores from each bound implementation, the
-  route alone, scores + route; then, as inside a model step, --mesh_layers layers in one jitted
-  call (each its own query), decode alone over tables routed beforehand vs scores + route +
-  decode, whose difference per layer is what selection adds to a step."""
+  route alone, the page-level selection alone (`select_pages` on a plan), scores + route; then,
+  as inside a model step, --mesh_layers layers in one jitted call (each its own query): decode
+  alone over tables routed beforehand vs one `plan_query` and, per layer, scores + select_pages +
+  decode; their difference per layer is what selection adds to a step."""
   c = cache.config
   batch, num_tokens, page_size = c.max_seqs, c.max_seq_len, c.page_size
   layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
@@ -109,24 +110,38 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   seconds = measure(route_only, expected)
   record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
          **extra(seconds))
+  plan = router.plan_query(layout, lengths, config)
+  select_only = jax.jit(lambda plan, scores: router.select_pages(plan, page_scores=scores,
+                                                                 budget=budget))
+  seconds = measure(select_only, plan, expected)
+  record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
+         seconds, 0, 0, **extra(seconds))
   seconds = measure(jax.jit(routed), q, cache)
   record("query page scores + route", batch, num_tokens, page_size, str(fraction), "bounds",
          seconds, bounds_bytes, 0, **extra(seconds))
 
-  decode_layer = functools.partial(attention.decode_attention, implementation=_IMPLEMENTATION.value)
+  # A model step: the plan once, then per layer its query's scores, selection and decode.
+  decode_layer = functools.partial(attention.decode_attention,
+                                   implementation=_IMPLEMENTATION.value)
   queries = jax.random.normal(jax.random.key(2), (_MESH_LAYERS.value,) + q.shape, q.dtype)
   tables = jax.jit(jax.vmap(routed, in_axes=(0, None)))(queries, cache)
   decode_only = jax.jit(lambda qs, cache, tables: jax.lax.map(
       lambda x: decode_layer(x[0], cache, x[1]), (qs, tables)))
-  in_step = jax.jit(lambda qs, cache: jax.lax.map(lambda x: decode_layer(x, cache, routed(x, cache)),
-                                                  qs))
+
+  def in_step(qs, cache):
+    plan = router.plan_query(layout, lengths, config)
+    select = lambda q: router.select_pages(plan, query=q, cache=cache, budget=budget)
+    return jax.lax.map(lambda q: decode_layer(q, cache, select(q)), qs)
+
+  in_step = jax.jit(in_step)
   same = report.relative_error(in_step(queries, cache), decode_only(queries, cache, tables))
   layers = _MESH_LAYERS.value
   decode_us = 1e6 * measure(decode_only, queries, cache, tables) / layers
   step_us = 1e6 * measure(in_step, queries, cache) / layers
   read = float(jnp.mean(tables.num_pages)) / c.max_pages_per_seq
-  record("per layer: scores + route + decode", batch, num_tokens, page_size, f"{read:.3f}",
-         "bf16", step_us / 1e6, 0, 0, rel_err_vs_routed_before=same, decode_only_us=decode_us, selection_us=step_us - decode_us,
+  record("per layer: scores + select + decode", batch, num_tokens, page_size, f"{read:.3f}",
+         "bf16", step_us / 1e6, 0, 0, rel_err_vs_routed_before=same, decode_only_us=decode_us,
+         selection_us=step_us - decode_us,
          selection_pct_of_decode=100 * (step_us - decode_us) / decode_us)
 
 

@@ -224,6 +224,7 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
   ps = route_config.page_size
   table = None if setting.scores in ("cosine", "query") else router_lib.route(
       layout, lengths, route_config)
+  plan = router_lib.plan_query(layout, lengths, route_config) if setting.scores == "query" else None
   budget = jnp.ceil(setting.page_budget * -(-lengths // ps)).astype(jnp.int32)
   num_pages = -(-layout.num_tokens // ps)
 
@@ -233,8 +234,7 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
       return router_lib.route(layout, lengths, route_config, scores=scores)
     if setting.scores == "query":
       page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
-      return router_lib.route(layout, lengths, route_config, budget=budget,
-                              page_scores=page_scores[:, :num_pages])
+      return router_lib.select_pages(plan, budget=budget, page_scores=page_scores[:, :num_pages])
     return table
 
   return route_layer, table

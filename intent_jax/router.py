@@ -198,115 +198,255 @@ def _pages_in_range(per_page_before, first_token, end_token, ps):
   return jnp.where(end_token > first_token, per_page_before[end] - per_page_before[first], 0)
 
 
-def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure,
-                    page_score=None, budget=None, *, config: RouterConfig, num_tokens: int):
-  """Routes one sequence; arrays are one row of the layout. Returns PageTable fields.
-
-  With `page_score` (f32[logical pages]) and `budget` (i32), ATTEND pages are chosen by score
-  (query mode); otherwise ATTEND blocks by their layout score (block mode).
-  """
+def _token_policy(starts, ends, policies, valid, block_of_token, seq_len, *, config, num_tokens):
+  """Per-token and per-block facts of one sequence that do not depend on scores."""
   ps = config.page_size
   num_logical = math.ceil(num_tokens / ps)
-  capacity = config.table_capacity(num_tokens)
   with_gap = lambda per_block, gap: jnp.append(per_block, jnp.asarray(gap, per_block.dtype))
-  by_page = lambda per_token: per_token.reshape(num_logical, ps)
-
   tokens = jnp.arange(num_logical * ps, dtype=jnp.int32)
   length = jnp.minimum(seq_len, num_tokens)  # Tokens past the layout's capacity do not exist.
   in_seq = tokens < length
   in_window = in_seq & (tokens >= seq_len - config.recent_tokens)
-  reached = valid & (starts < length)
-
   forced_block = valid & jnp.isin(policies, jnp.asarray([int(p) for p in FORCED_POLICIES]))
   attend_block = valid & (policies == int(BlockPolicy.ATTEND))
   gap_forced = config.default_policy in FORCED_POLICIES
   forced_token = in_window | (in_seq & with_gap(forced_block, gap_forced)[block_of_token])
-  forced_page = by_page(forced_token).any(axis=1)
+  window_start = jnp.maximum(seq_len - config.recent_tokens, 0)
+  reached = valid & (starts < length)
+  return dict(
+      with_gap=with_gap, by_page=lambda per_token: per_token.reshape(num_logical, ps),
+      length=length, in_seq=in_seq, in_window=in_window, forced_block=forced_block,
+      attend_block=attend_block, forced_token=forced_token, reached=reached,
+      touches_window=reached & (ends > window_start) & (config.recent_tokens > 0))
 
-  if page_score is None:
-    candidate = attend_block & (scores >= config.score_threshold)
-    kept, selected, forced_fit = _select_blocks(
-        forced_token, forced_page, in_seq, block_of_token, starts, ends, scores, valid,
-        candidate, capacity=capacity, ps=ps, with_gap=with_gap, by_page=by_page)
-    kept = kept & reached
-    overflow = jnp.any(candidate & reached & ~kept)
-    attended = (forced_block | kept) & reached
-    partial = jnp.zeros_like(attended)
-    attend_reasons = jnp.where(kept, int(Reason.ABOVE_THRESHOLD),
-                               jnp.where(candidate, int(Reason.OVER_BUDGET),
-                                         int(Reason.BELOW_THRESHOLD)))
-  else:
-    attend_token = in_seq & with_gap(attend_block, False)[block_of_token]
-    candidate = by_page(attend_token).any(axis=1) & ~forced_page
-    page_selected, overflow, forced_fit = _select_pages(
-        forced_page, candidate, page_score, budget, capacity=capacity)
-    selected = forced_token | (attend_token & jnp.repeat(page_selected, ps))
-    # An ATTEND token is selected iff its page is, so a block's decision needs pages only.
-    selected_before = jnp.concatenate(
-        [jnp.zeros(1, jnp.int32), jnp.cumsum(page_selected, dtype=jnp.int32)])
-    in_seq_end = jnp.minimum(ends, length)
-    window_start = seq_len - config.recent_tokens
-    all_selected = (_pages_in_range(selected_before, starts, in_seq_end, ps) ==
-                    _pages_in_range(jnp.arange(num_logical + 1), starts, in_seq_end, ps))
-    attended = reached & (forced_block | (attend_block & all_selected))
-    outside_window = _pages_in_range(selected_before, starts,
-                                     jnp.minimum(in_seq_end, window_start), ps)
-    partial = reached & attend_block & ~attended & (outside_window > 0)
-    attend_reasons = jnp.where(attended | partial, int(Reason.QUERY_SELECTED),
-                               int(Reason.QUERY_DROPPED))
-  truncated = ~forced_fit | (seq_len > num_tokens)
 
-  block_precision = jnp.where(attend_block, precision_for_score(scores, pressure, config),
-                              int(Precision.BF16))
-  token_precision = jnp.where(forced_token, int(Precision.BF16),
-                              with_gap(block_precision, int(Precision.BF16))[block_of_token])
-  token_precision = jnp.where(selected, token_precision, NUM_PRECISIONS)
-  page_precision = by_page(token_precision).min(axis=1)
-  page_used = by_page(selected).any(axis=1)
+def _page_reads(selected, token_precision, by_page):
+  """(used bool[pages], precision i32[pages], token bits u32[pages, words]) of the tokens
+  `selected`: a page is read at the most precise format any of its selected tokens needs."""
+  page_precision = by_page(jnp.where(selected, token_precision, NUM_PRECISIONS)).min(axis=1)
+  return (by_page(selected).any(axis=1), page_precision.astype(jnp.int32),
+          pack_bits(by_page(selected)))
 
-  # Compact the used pages, in ascending order, into the table's `capacity` slots; unused pages
-  # get an out-of-range slot and are dropped (no two writes share a slot).
+
+def _token_precision(facts, block_precision, block_of_token):
+  """i32[tokens]: forced tokens are BF16, others their block's precision (BF16 outside blocks)."""
+  return jnp.where(facts["forced_token"], int(Precision.BF16),
+                   facts["with_gap"](block_precision, int(Precision.BF16))[block_of_token])
+
+
+def _block_precision(scores, policies, valid, pressure, config):
+  """i32[blocks]: an ATTEND block's precision by score (`precision_for_score`), others BF16."""
+  attend_block = valid & (policies == int(BlockPolicy.ATTEND))
+  return jnp.where(attend_block, precision_for_score(scores, pressure, config),
+                   int(Precision.BF16)).astype(jnp.int32)
+
+
+def _fixed_reasons(valid, reached, forced_block, policies):
+  """i32[blocks]: the Reason that policy and length alone give a block, -1 where the selection
+  decides."""
+  return jnp.select(
+      [~valid, ~reached, forced_block | (policies == int(BlockPolicy.SKIP))],
+      [int(Reason.PADDING), int(Reason.NOT_REACHED), int(Reason.POLICY)], -1).astype(jnp.int32)
+
+
+def _table_row(page_used, page_precision, page_bits, *, capacity, attended, partial,
+               touches_window, reasons, block_precision, seq_len, overflow, truncated):
+  """PageTable fields of one sequence: the used pages compacted, in ascending order, into the
+  table's `capacity` slots (unused pages get an out-of-range slot and are dropped, so no two
+  writes share a slot), and the blocks' decisions."""
+  num_logical = page_used.shape[0]
   slot = jnp.where(page_used, jnp.cumsum(page_used) - 1, capacity)
   compact = lambda values, fill: jnp.full((capacity,) + values.shape[1:], fill,
                                           values.dtype).at[slot].set(values, mode="drop")
-  page_ids = compact(jnp.arange(num_logical, dtype=jnp.int32), 0)
-  precisions = compact(page_precision.astype(jnp.int32), int(Precision.BF16))
-  token_bits = compact(pack_bits(by_page(selected)), 0)
-  num_pages = jnp.minimum(jnp.sum(page_used), capacity).astype(jnp.int32)
-
-  window_start = jnp.maximum(seq_len - config.recent_tokens, 0)
-  touches_window = reached & (ends > window_start) & (config.recent_tokens > 0)
   decisions = jnp.where(attended, int(Decision.ATTENDED),
                         jnp.where(partial, int(Decision.PARTIAL),
                                   jnp.where(touches_window, int(Decision.WINDOW_ONLY),
                                             int(Decision.DROPPED))))
-  reasons = jnp.select(
-      [~valid, ~reached, forced_block | (policies == int(BlockPolicy.SKIP))],
-      [int(Reason.PADDING), int(Reason.NOT_REACHED), int(Reason.POLICY)], attend_reasons)
   return dict(
-      page_ids=page_ids,
-      num_pages=num_pages,
-      precisions=precisions,
-      token_bits=token_bits,
+      page_ids=compact(jnp.arange(num_logical, dtype=jnp.int32), 0),
+      num_pages=jnp.minimum(jnp.sum(page_used), capacity).astype(jnp.int32),
+      precisions=compact(page_precision, int(Precision.BF16)),
+      token_bits=compact(page_bits, 0),
       seq_lens=seq_len.astype(jnp.int32),
       block_decisions=decisions.astype(jnp.int32),
       block_reasons=reasons.astype(jnp.int32),
-      block_precisions=block_precision.astype(jnp.int32),
+      block_precisions=block_precision,
       overflow=overflow,
       truncated=truncated,
   )
 
 
+def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure, *,
+                    config: RouterConfig, num_tokens: int):
+  """Block mode, one sequence (one row of the layout's arrays): PageTable fields."""
+  facts = _token_policy(starts, ends, policies, valid, block_of_token, seq_len, config=config,
+                        num_tokens=num_tokens)
+  capacity = config.table_capacity(num_tokens)
+  reached, forced_block = facts["reached"], facts["forced_block"]
+  candidate = facts["attend_block"] & (scores >= config.score_threshold)
+  forced_page = facts["by_page"](facts["forced_token"]).any(axis=1)
+  kept, selected, forced_fit = _select_blocks(
+      facts["forced_token"], forced_page, facts["in_seq"], block_of_token, starts, ends, scores,
+      valid, candidate, capacity=capacity, ps=config.page_size, with_gap=facts["with_gap"],
+      by_page=facts["by_page"])
+  kept = kept & reached
+  attend_reasons = jnp.where(kept, int(Reason.ABOVE_THRESHOLD),
+                             jnp.where(candidate, int(Reason.OVER_BUDGET),
+                                       int(Reason.BELOW_THRESHOLD)))
+  fixed = _fixed_reasons(valid, reached, forced_block, policies)
+  block_precision = _block_precision(scores, policies, valid, pressure, config)
+  reads = _page_reads(selected, _token_precision(facts, block_precision, block_of_token),
+                      facts["by_page"])
+  attended = (forced_block | kept) & reached
+  return _table_row(
+      *reads, capacity=capacity, attended=attended, partial=jnp.zeros_like(attended),
+      touches_window=facts["touches_window"], reasons=jnp.where(fixed >= 0, fixed, attend_reasons),
+      block_precision=block_precision, seq_len=seq_len,
+      overflow=jnp.any(candidate & reached & ~kept),
+      truncated=~forced_fit | (seq_len > num_tokens))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "num_tokens"))
-def _route(starts, ends, policies, scores, valid, seq_lens, memory_pressure, page_scores=None,
-           budgets=None, *, config: RouterConfig, num_tokens: int):
+def _route(starts, ends, policies, scores, valid, seq_lens, memory_pressure, *,
+           config: RouterConfig, num_tokens: int):
   # Takes the layout's arrays, not the layout: block names must not key the jit cache.
-  padded_tokens = math.ceil(num_tokens / config.page_size) * config.page_size
-  layout = BlockLayout(starts, ends, policies, scores, valid, names=(), num_tokens=num_tokens)
-  block_of_token = token_block_ids(layout, padded_tokens)
+  block_of_token = _block_of_token(starts, ends, policies, scores, valid, config, num_tokens)
   route_one = functools.partial(_route_sequence, config=config, num_tokens=num_tokens)
   fields = jax.vmap(route_one)(starts, ends, policies, scores, valid, block_of_token, seq_lens,
-                               memory_pressure, page_scores, budgets)
+                               memory_pressure)
+  return PageTable(**fields, page_size=config.page_size)
+
+
+def _block_of_token(starts, ends, policies, scores, valid, config, num_tokens):
+  padded_tokens = math.ceil(num_tokens / config.page_size) * config.page_size
+  layout = BlockLayout(starts, ends, policies, scores, valid, names=(), num_tokens=num_tokens)
+  return token_block_ids(layout, padded_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Query mode: a plan per step (tokens), a selection per layer (pages).
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["forced_page", "candidate", "page_bits", "page_precision", "block_starts",
+                 "block_in_seq_end", "block_out_window_end", "block_forced", "block_attend",
+                 "block_touches_window", "block_fixed_reasons", "block_precisions", "seq_lens",
+                 "too_long"],
+    meta_fields=["config", "num_tokens"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class QueryPlan:
+  """What query-mode routing needs besides the page scores, for one step's sequence lengths: made
+  once per step by `plan_query` (it works on tokens), shared by every layer's `select_pages`
+  (which works on pages only).
+
+  Attributes, per sequence (leading axis batch):
+    forced_page: bool[pages], holds a token the policy or the recent window forces: always read.
+    candidate: bool[pages], not forced, holds ATTEND tokens: competes for the budget.
+    page_bits: u32[pages, words], the tokens a selected page is read for (forced and ATTEND).
+    page_precision: i32[pages], the Precision a selected page is read at.
+    block_starts, block_in_seq_end, block_out_window_end: i32[blocks], each block's first token,
+      its end within the sequence, and its end before the recent window.
+    block_forced, block_attend: bool[blocks], reached blocks of a forced policy / of ATTEND.
+    block_touches_window: bool[blocks]; block_fixed_reasons: i32[blocks], the Reason that policy
+      and length give, -1 where the selection decides; block_precisions: i32[blocks].
+    seq_lens: i32; too_long: bool, the sequence is longer than the layout.
+    config, num_tokens: static, the RouterConfig and the layout's capacity in tokens.
+  """
+
+  forced_page: jax.Array
+  candidate: jax.Array
+  page_bits: jax.Array
+  page_precision: jax.Array
+  block_starts: jax.Array
+  block_in_seq_end: jax.Array
+  block_out_window_end: jax.Array
+  block_forced: jax.Array
+  block_attend: jax.Array
+  block_touches_window: jax.Array
+  block_fixed_reasons: jax.Array
+  block_precisions: jax.Array
+  seq_lens: jax.Array
+  too_long: jax.Array
+  config: RouterConfig
+  num_tokens: int
+
+  @property
+  def batch_size(self) -> int:
+    return self.forced_page.shape[0]
+
+  @property
+  def num_pages(self) -> int:
+    return self.forced_page.shape[1]
+
+
+def _plan_sequence(starts, ends, policies, scores, valid, block_of_token, seq_len, pressure, *,
+                   config: RouterConfig, num_tokens: int):
+  facts = _token_policy(starts, ends, policies, valid, block_of_token, seq_len, config=config,
+                        num_tokens=num_tokens)
+  by_page, reached = facts["by_page"], facts["reached"]
+  attend_token = facts["in_seq"] & facts["with_gap"](facts["attend_block"], False)[block_of_token]
+  forced_page = by_page(facts["forced_token"]).any(axis=1)
+  block_precision = _block_precision(scores, policies, valid, pressure, config)
+  # A selected page reads its forced and ATTEND tokens; a page is selected or not as a whole.
+  _, page_precision, page_bits = _page_reads(
+      facts["forced_token"] | attend_token,
+      _token_precision(facts, block_precision, block_of_token), by_page)
+  in_seq_end = jnp.minimum(ends, facts["length"])
+  return dict(
+      forced_page=forced_page,
+      candidate=by_page(attend_token).any(axis=1) & ~forced_page,
+      page_bits=page_bits, page_precision=page_precision,
+      block_starts=starts, block_in_seq_end=in_seq_end,
+      block_out_window_end=jnp.minimum(in_seq_end, seq_len - config.recent_tokens),
+      block_forced=reached & facts["forced_block"], block_attend=reached & facts["attend_block"],
+      block_touches_window=facts["touches_window"],
+      block_fixed_reasons=_fixed_reasons(valid, reached, facts["forced_block"], policies),
+      block_precisions=block_precision, seq_lens=seq_len.astype(jnp.int32),
+      too_long=seq_len > num_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_tokens"))
+def _plan(starts, ends, policies, scores, valid, seq_lens, memory_pressure, *,
+          config: RouterConfig, num_tokens: int) -> QueryPlan:
+  block_of_token = _block_of_token(starts, ends, policies, scores, valid, config, num_tokens)
+  plan_one = functools.partial(_plan_sequence, config=config, num_tokens=num_tokens)
+  fields = jax.vmap(plan_one)(starts, ends, policies, scores, valid, block_of_token, seq_lens,
+                              memory_pressure)
+  return QueryPlan(**fields, config=config, num_tokens=num_tokens)
+
+
+def _select_sequence(plan: QueryPlan, page_score, budget, *, capacity: int, ps: int):
+  """Query mode, one sequence of the plan: PageTable fields."""
+  page_selected, overflow, forced_fit = _select_pages(
+      plan.forced_page, plan.candidate, page_score, budget, capacity=capacity)
+  # An ATTEND token is read iff its page is, so a block's decision needs pages only.
+  selected_before = jnp.concatenate(
+      [jnp.zeros(1, jnp.int32), jnp.cumsum(page_selected, dtype=jnp.int32)])
+  every_page = jnp.arange(page_selected.shape[0] + 1, dtype=jnp.int32)
+  starts, in_seq_end = plan.block_starts, plan.block_in_seq_end
+  all_selected = (_pages_in_range(selected_before, starts, in_seq_end, ps) ==
+                  _pages_in_range(every_page, starts, in_seq_end, ps))
+  attended = plan.block_forced | (plan.block_attend & all_selected)
+  outside_window = _pages_in_range(selected_before, starts, plan.block_out_window_end, ps)
+  partial = plan.block_attend & ~attended & (outside_window > 0)
+  reasons = jnp.where(plan.block_fixed_reasons >= 0, plan.block_fixed_reasons,
+                      jnp.where(attended | partial, int(Reason.QUERY_SELECTED),
+                                int(Reason.QUERY_DROPPED)))
+  return _table_row(
+      page_selected, plan.page_precision, plan.page_bits, capacity=capacity, attended=attended,
+      partial=partial, touches_window=plan.block_touches_window, reasons=reasons,
+      block_precision=plan.block_precisions, seq_len=plan.seq_lens, overflow=overflow,
+      truncated=~forced_fit | plan.too_long)
+
+
+@jax.jit
+def _select(plan: QueryPlan, page_scores, budgets) -> PageTable:
+  config = plan.config
+  select_one = functools.partial(_select_sequence, capacity=config.table_capacity(plan.num_tokens),
+                                 ps=config.page_size)
+  fields = jax.vmap(select_one)(plan, page_scores, budgets)
   return PageTable(**fields, page_size=config.page_size)
 
 
@@ -357,6 +497,45 @@ def route(
   Returns:
     PageTable with `config.table_capacity(layout.num_tokens)` entries per sequence.
   """
+  arrays = _layout_arrays(layout, seq_lens, config, scores, memory_pressure)
+  num_pages = math.ceil(layout.num_tokens / config.page_size)
+  if query is None and cache is None and page_scores is None:
+    if budget is not None:
+      raise ValueError("budget is for query mode: pass query and cache, or page_scores")
+    return _route(*arrays, config=config, num_tokens=layout.num_tokens)
+  page_scores, budgets = _query_mode_inputs(layout.batch_size, num_pages, config, query, cache,
+                                            budget, page_scores)
+  return _select(_plan(*arrays, config=config, num_tokens=layout.num_tokens), page_scores,
+                 budgets)
+
+
+def plan_query(layout: BlockLayout, seq_lens: jax.Array, config: RouterConfig, *,
+               scores: jax.Array | None = None,
+               memory_pressure: jax.Array | float | None = None) -> QueryPlan:
+  """The token-level half of query-mode `route`, for one step: which pages are forced, which
+  compete, and what a selected page reads. Arguments as `route`'s. Every layer of the step then
+  calls `select_pages` with its own query: `select_pages(plan_query(layout, ...), query=q,
+  cache=c, budget=b)` is `route(layout, ..., query=q, cache=c, budget=b)`."""
+  arrays = _layout_arrays(layout, seq_lens, config, scores, memory_pressure)
+  return _plan(*arrays, config=config, num_tokens=layout.num_tokens)
+
+
+def select_pages(plan: QueryPlan, *, query: jax.Array | None = None, cache=None,
+                 budget: jax.Array | int | None = None,
+                 page_scores: jax.Array | None = None) -> PageTable:
+  """The page-level half of query-mode `route`: the forced pages, then the best-scoring
+  candidate pages up to `budget`. Takes `query` and `cache`, or `page_scores`, as `route`."""
+  if not isinstance(plan, QueryPlan):
+    raise TypeError(f"plan must be a QueryPlan (plan_query), got {type(plan).__name__}")
+  if query is None and cache is None and page_scores is None:
+    raise ValueError("select_pages needs query and cache, or page_scores")
+  page_scores, budgets = _query_mode_inputs(plan.batch_size, plan.num_pages, plan.config, query,
+                                            cache, budget, page_scores)
+  return _select(plan, page_scores, budgets)
+
+
+def _layout_arrays(layout, seq_lens, config, scores, memory_pressure):
+  """Checks `route`'s layout arguments; returns the arrays `_route` and `_plan` take."""
   if not isinstance(layout, BlockLayout):
     raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
   if not isinstance(config, RouterConfig):
@@ -380,21 +559,14 @@ def route(
   if memory_pressure.shape not in ((), (batch,)):
     raise ValueError(
         f"memory_pressure must be a scalar or shape ({batch},), got {list(memory_pressure.shape)}")
-  memory_pressure = jnp.broadcast_to(memory_pressure, (batch,))
-  page_scores, budgets = _query_mode_inputs(layout, config, query, cache, budget, page_scores)
-  return _route(layout.starts, layout.ends, layout.policies, scores.astype(jnp.float32),
-                layout.valid, seq_lens.astype(jnp.int32), memory_pressure, page_scores, budgets,
-                config=config, num_tokens=layout.num_tokens)
+  # The layout's arrays, not the layout: block names must not key the jit cache.
+  return (layout.starts, layout.ends, layout.policies, scores.astype(jnp.float32), layout.valid,
+          seq_lens.astype(jnp.int32), jnp.broadcast_to(memory_pressure, (batch,)))
 
 
-def _query_mode_inputs(layout, config, query, cache, budget, page_scores):
-  """Checks the query-mode arguments of `route`; returns (page_scores, budgets) or (None, None)."""
-  batch = layout.batch_size
-  num_pages = math.ceil(layout.num_tokens / config.page_size)
-  if query is None and cache is None and page_scores is None:
-    if budget is not None:
-      raise ValueError("budget is for query mode: pass query and cache, or page_scores")
-    return None, None
+def _query_mode_inputs(batch, num_pages, config, query, cache, budget, page_scores):
+  """Checks the query-mode arguments of `route` and `select_pages`; returns (page_scores,
+  budgets)."""
   if page_scores is not None:
     if query is not None or cache is not None:
       raise ValueError("pass either page_scores or query and cache, not both")
@@ -418,7 +590,7 @@ def _query_mode_inputs(layout, config, query, cache, budget, page_scores):
     scoring.check_query(query, cache.config)
     page_scores = _query_page_scores(query, cache, num_pages=num_pages)
   if budget is None:
-    budget = config.table_capacity(layout.num_tokens)
+    budget = config.table_capacity(num_pages * config.page_size)
   budget = jnp.asarray(budget)
   if budget.shape not in ((), (batch,)) or not jnp.issubdtype(budget.dtype, jnp.integer):
     raise ValueError(

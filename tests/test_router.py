@@ -10,6 +10,7 @@ import numpy as np
 from intent_jax.layout import BlockLayout, BlockPolicy, SemanticBlock
 from intent_jax.precision import Precision
 from intent_jax.page_table import page_mask, token_mask
+from intent_jax import router
 from intent_jax.router import Decision, Reason, RouterConfig, explain
 from intent_jax.router import precision_for_score, route
 from tests import spec
@@ -176,6 +177,28 @@ class RouteTest(parameterized.TestCase):
       scores = jnp.full((1, layout.max_blocks), seq_len / 200, jnp.float32)
       step(layout, jnp.asarray([seq_len]), scores, jnp.float32(seq_len / 400))
 
+  def test_one_plan_serves_every_layer_of_a_step(self):
+    # plan_query once, select_pages per layer (its own scores and budget) is route each time;
+    # the jitted per-layer selection traces once.
+    config = RouterConfig(page_size=16, recent_tokens=24, max_pages=9)
+    rng = np.random.default_rng(11)
+    layout = _layout([spec.random_blocks(rng, 300, MAX_BLOCKS) for _ in range(3)], 300)
+    seq_lens = jnp.asarray([300, 170, 41])
+    plan = router.plan_query(layout, seq_lens, config, memory_pressure=0.3)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def select(plan, page_scores, budget):
+      return router.select_pages(plan, page_scores=page_scores, budget=budget)
+
+    for layer in range(3):
+      page_scores = jnp.asarray(rng.normal(size=(3, 19)), jnp.float32)
+      budget = jnp.asarray([4 + layer, 9, 2], jnp.int32)
+      chex.assert_trees_all_equal(
+          select(plan, page_scores, budget),
+          route(layout, seq_lens, config, memory_pressure=0.3, page_scores=page_scores,
+                budget=budget))
+
   def test_vmaps_over_an_extra_axis(self):
     config = RouterConfig(recent_tokens=30, max_pages=6)
     rng = np.random.default_rng(7)
@@ -251,6 +274,16 @@ class RouterErrorsTest(parameterized.TestCase):
       route(layout, jnp.asarray([10]), config, scores=jnp.ones((1, 3)))
     with self.assertRaisesRegex(ValueError, "memory_pressure must be a scalar or shape \\(1,\\)"):
       route(layout, jnp.asarray([10]), config, memory_pressure=jnp.ones((2,)))
+
+  def test_bad_select_pages_arguments(self):
+    layout = BlockLayout.from_blocks([SemanticBlock("a", 0, 10, BlockPolicy.ATTEND)], 32)
+    plan = router.plan_query(layout, jnp.asarray([20]), RouterConfig())
+    with self.assertRaisesRegex(TypeError, "plan must be a QueryPlan"):
+      router.select_pages(layout, page_scores=jnp.ones((1, 2)))
+    with self.assertRaisesRegex(ValueError, "needs query and cache, or page_scores"):
+      router.select_pages(plan, budget=1)
+    with self.assertRaisesRegex(ValueError, "page_scores must be a float array of shape \\(1, 2"):
+      router.select_pages(plan, page_scores=jnp.ones((1, 3)))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ match.
 Work: one program per (sequence, kv head, block of `pages_per_block` logical pages). It reads
 the block's (pool, slot) entries, gathers each page's key bounds from the pool that stores it
 (a masked load per pool, so no page is read twice; bfloat16, upcast in registers) and bounds
-them for each query row of the kv head: q+ . key_max + q- . key_min in float32 multiply-adds (no TF32: a bound must not round
-below the logit it bounds), maximum over the rows. The cache's bounds are read where they are
-stored: no per-sequence copy of them is made first. Rows are a static loop rather than a matmul:
-with TF32 off, Triton's float32 `dot` ran this kernel at 400-800 GB/s on an H100, the loop at
-2500 GB/s (BENCHMARKS.md).
+them for each query row of the kv head: q+ . key_max + q- . key_min in float32 multiply-adds
+(no TF32: a bound must not round below the logit it bounds), maximum over the rows. The bounds
+are read where the cache stores them: no per-sequence copy of them is made first. Rows are a
+static loop rather than a matmul: with TF32 off, Triton's float32 `dot` ran this kernel at
+400-800 GB/s on an H100, the loop at 2500 GB/s (BENCHMARKS.md).
 """
 
 import functools
@@ -57,7 +57,7 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, used_ro
 
 
 def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: bool = False,
-                      pages_per_block: int | None = None, variant="masked_fma", num_warps=None) -> jax.Array:
+                      pages_per_block: int | None = None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: `scoring.page_upper_bounds`, in one kernel.
 
   Args:

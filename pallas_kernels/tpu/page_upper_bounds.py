@@ -8,14 +8,14 @@ cache's page map (pool and slot of every logical page) is scalar-prefetched into
 walks the sequence's logical pages in blocks of `pages_per_block` (a lane row of bounds): it
 starts the copies of the next block's key bounds (HBM -> VMEM, one DMA per page and bound, from
 the pool that stores the page; unmapped pages move nothing) before bounding the current block
-from the other buffer (bfloat16, upcast in VMEM), for every query row of the kv head at once: q+ . key_max + q- . key_min as
-two float32 matmuls at HIGHEST precision (a bound must not round below the logit it bounds),
-maximum over the rows used. Unmapped pages (no copy: their buffer rows are stale) are set to
--inf after the kernel, from the page map.
+from the other buffer (bfloat16, upcast in VMEM), for every query row of the kv head at once:
+q+ . key_max + q- . key_min as two float32 matmuls at HIGHEST precision (a bound must not round
+below the logit it bounds), maximum over the rows used. Unmapped pages (no copy: their buffer
+rows are stale) are set to -inf after the kernel, from the page map.
 
 Tiling: head_dim a multiple of 128 (lanes); other inputs raise NotImplementedError. The bounds
-are read where the pools store them, so a block is `pages_per_block` DMAs of head_dim floats
-each; docs/tpu.md weighs that against a per-sequence layout of the bounds (not built).
+are read where the pools store them, so a block is 2 x `pages_per_block` DMAs of head_dim
+bfloat16 values each; docs/tpu.md weighs that against a per-sequence layout (not built).
 """
 
 import functools
