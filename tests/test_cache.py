@@ -80,13 +80,27 @@ def _assert_holds(test, cache, mirror, dtype=np.float32):
 
 
 def _assert_tightest_outward(bound, exact, inward):
-  """`bound` (bfloat16) is on the outer side of `exact` (float32) and its next bfloat16 value
-  toward `inward` is not: the closest bfloat16 bound."""
+  """`bound` (bfloat16) is on the outer side of `exact` (float32) and, unless equal to it, its
+  next bfloat16 value toward `inward` is not: the closest bfloat16 bound."""
   bound = np.asarray(bound)
   outside = bound.astype(np.float32) <= exact if inward > 0 else bound.astype(np.float32) >= exact
   after = np.nextafter(bound, np.asarray(inward, bound.dtype)).astype(np.float32)
-  next_not = after > exact if inward > 0 else after < exact
+  next_not = (after > exact if inward > 0 else after < exact) | (bound.astype(np.float32) == exact)
   np.testing.assert_array_equal(outside & next_not, True, err_msg=f"{bound} around {exact}")
+
+
+class StoredBoundsTest(absltest.TestCase):
+
+  def test_rounds_outward_to_the_closest_bfloat16(self):
+    f32 = np.finfo(np.float32)
+    edges = np.asarray([0.0, -0.0, 1.0, -1.0, 1.0 + 2**-20, -(1.0 + 2**-20), f32.tiny / 4,
+                        -f32.tiny / 4, f32.max, -f32.max, np.inf, -np.inf], np.float32)
+    values = np.concatenate([edges, np.asarray(jax.random.normal(jax.random.key(0), (500,)))
+                             * np.float32(10.0) ** np.arange(-20, 30, 0.1)[:500]])
+    lower, upper = cache_lib.stored_bounds(jnp.asarray(values), jnp.asarray(values))
+    self.assertEqual(lower.dtype, cache_lib.SUMMARY_DTYPE)
+    _assert_tightest_outward(lower, values, np.inf)
+    _assert_tightest_outward(upper, values, -np.inf)
 
 
 class CacheWriteTest(parameterized.TestCase):
