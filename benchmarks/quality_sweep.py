@@ -66,7 +66,9 @@ def query_settings() -> list[quality.Setting]:
   return [quality.Setting("no intent scores, query key bounds, 25% pages", by_query,
                           scores="query"),
           quality.Setting("no intent scores, exact page max logit (oracle), 25% pages", by_query,
-                          scores="query", exact_page_scores=True)]
+                          scores="query", exact_page_scores=True),
+          quality.Setting("no intent scores, query logits on 4 of 32 channels, 25% pages",
+                          by_query, scores="query", score_channels=4)]
 
 
 def prefetch_rows(model, examples, task, steps: int) -> list[dict]:

@@ -123,6 +123,8 @@ class Setting:
     exact_page_scores: for scores="query", rank pages by their exact largest logit
       (`scoring.page_max_logits`, which reads every key: the ceiling a bound could reach)
       instead of the key-bound scores.
+    score_channels: for scores="query", rank pages by their largest logit over this many
+      channels (`scoring.top_channel_page_logits`) instead of the key-bound scores.
     skip_answer: the answer's document is SKIPped (the negative control).
     skip_as_attend: SKIP blocks are ATTEND blocks with score 0 (with score_threshold 0: every page
       is read, each in the precision its score gives: the policy's mixed precision).
@@ -139,6 +141,7 @@ class Setting:
   noise_p: float = 0.8
   page_budget: float = 0.25
   exact_page_scores: bool = False
+  score_channels: int | None = None
   skip_answer: bool = False
   skip_as_attend: bool = False
   storage: Precision | None = None
@@ -156,6 +159,8 @@ class Setting:
       raise ValueError("key_scales='token' is not a cache format: it needs emulated=True")
     if self.emulated and self.storage in (None, Precision.BF16):
       raise ValueError("emulated storage needs a quantized storage Precision")
+    if self.score_channels is not None and (self.scores != "query" or self.exact_page_scores):
+      raise ValueError("score_channels is for scores='query' without exact_page_scores")
     if self.router is not None and not isinstance(self.router, router_lib.RouterConfig):
       raise TypeError(f"router must be a RouterConfig or None, got {type(self.router).__name__}")
 
@@ -233,7 +238,11 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
       scores = scoring.block_cosine_scores(q, means[layer], layout, lengths)
       return router_lib.route(layout, lengths, route_config, scores=scores)
     if setting.scores == "query":
-      page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
+      if setting.score_channels is None:
+        page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
+      else:
+        page_scores = scoring.head_relative_scores(
+            scoring.top_channel_page_logits(q, kv, channels=setting.score_channels))
       return router_lib.select_pages(plan, budget=budget, page_scores=page_scores[:, :num_pages])
     return table
 

@@ -6,6 +6,8 @@
   can give (the Quest bound), per kv head.
 * `page_scores`: those bounds combined over kv heads into one score per page, what
   `route(..., query=...)` ranks ATTEND pages by.
+* `top_channel_page_logits`: an estimate instead of a bound, each page's largest logit over the
+  channels where the query is largest (combined over heads by `head_relative_scores`).
 """
 
 import jax
@@ -155,6 +157,23 @@ def page_max_logits(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> ja
   (tokens below the sequence's length), over the group's heads and q_len; -inf for unmapped
   pages. What `page_upper_bounds` bounds; computing it reads every key (an oracle for analysis).
   """
+  return _page_max_logits(q, cache, scale=scale, channels=None)
+
+
+def top_channel_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
+                            scale=None) -> jax.Array:
+  """f32[batch, max_pages_per_seq, num_kv_heads]: `page_max_logits` with each logit taken over
+  `channels` channels only: per sequence and kv head, those where the group's |q| (summed over
+  its query heads and tokens) is largest (ties: every tied channel counts). An estimate, not a
+  bound (SparQ's selection step): a page can score above or below its true largest logit. It
+  reads `channels / head_dim` of every key; here in jax.numpy over the dequantized cache."""
+  head_dim = cache.config.head_dim
+  if not isinstance(channels, int) or not 1 <= channels <= head_dim:
+    raise ValueError(f"channels={channels!r} must be an int in [1, head_dim={head_dim}]")
+  return _page_max_logits(q, cache, scale=scale, channels=channels)
+
+
+def _page_max_logits(q, cache, *, scale, channels):
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
   c = cache.config
@@ -163,6 +182,10 @@ def page_max_logits(q: jax.Array, cache: cache_lib.KVCache, *, scale=None) -> ja
   scale = head_dim**-0.5 if scale is None else scale
   k, _ = cache_lib.dequantized_kv(cache)
   grouped = q.astype(jnp.float32).reshape(batch, q_len, c.num_kv_heads, -1, head_dim)
+  if channels is not None:
+    weight = jnp.sum(jnp.abs(grouped), axis=(1, 3))  # [batch, kv_heads, head_dim]
+    cut = jnp.sort(weight, axis=-1)[..., head_dim - channels, None]
+    grouped = jnp.where((weight >= cut)[:, None, :, None, :], grouped, 0.0)
   logits = jnp.einsum("bthgd,bshd->bshgt", grouped, k, precision=jax.lax.Precision.HIGHEST)
   logits = jnp.max(logits, axis=(-2, -1)) * scale
   stored = jnp.arange(k.shape[1]) < cache.lengths[:, None]

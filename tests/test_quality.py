@@ -127,6 +127,8 @@ class SettingTest(absltest.TestCase):
       S("x", router={"page_size": 16})
     with self.assertRaisesRegex(ValueError, "page_budget=0 must be in"):
       S("x", scores="query", page_budget=0)
+    with self.assertRaisesRegex(ValueError, "score_channels is for scores='query'"):
+      S("x", scores="cosine", score_channels=4)
 
   def test_examples_must_ask_one_question(self):
     model, task, _ = quality.load_recall_model()

@@ -97,6 +97,28 @@ class PageUpperBoundsTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isneginf(exact[b, pages:])))
       self.assertTrue(np.all(np.isneginf(bounds[b, pages:])))  # Unmapped pages.
 
+  def test_top_channel_logits_use_the_channels_where_the_query_is_largest(self):
+    lengths, q_len, channels = [96, 41, 17], 2, 5
+    cache = self._cache(4, "float32", lengths)
+    q = jax.random.normal(jax.random.key(14), (3, q_len, 4, 16))
+    got = np.asarray(scoring.top_channel_page_logits(q, cache, channels=channels))
+    k = np.asarray(cache_lib.dequantized_kv(cache)[0], np.float64)
+    grouped = np.asarray(q, np.float64).reshape(3, q_len, 2, 2, 16)
+    for b, length in enumerate(lengths):
+      pages = -(-length // 16)
+      for h in range(2):
+        top = np.argsort(np.abs(grouped[b, :, h]).sum(axis=(0, 1)))[-channels:]
+        logits = np.einsum("tgd,sd->stg", grouped[b, :, h][..., top], k[b, :length, h][:, top])
+        logits = logits.max(axis=(1, 2)) / 4.0
+        expected = [logits[p * 16:(p + 1) * 16].max() for p in range(pages)]
+        np.testing.assert_allclose(got[b, :pages, h], expected, rtol=1e-5, atol=1e-5)
+      self.assertTrue(np.all(np.isneginf(got[b, pages:])))
+    # Every channel: the exact page maximum.
+    np.testing.assert_allclose(scoring.top_channel_page_logits(q, cache, channels=16),
+                               scoring.page_max_logits(q, cache), rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "channels=0 must be an int in \\[1, head_dim=16\\]"):
+      scoring.top_channel_page_logits(q, cache, channels=0)
+
   def test_bad_arguments(self):
     cache = self._cache(0, "float32", [5, 9])
     with self.assertRaisesRegex(ValueError, r"q must be a float array \[batch=2, q_len, a multiple"
