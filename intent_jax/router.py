@@ -215,7 +215,7 @@ def _token_policy(starts, ends, policies, valid, block_of_token, seq_len, *, con
   reached = valid & (starts < length)
   return dict(
       with_gap=with_gap, by_page=lambda per_token: per_token.reshape(num_logical, ps),
-      length=length, in_seq=in_seq, in_window=in_window, forced_block=forced_block,
+      length=length, in_seq=in_seq, forced_block=forced_block,
       attend_block=attend_block, forced_token=forced_token, reached=reached,
       touches_window=reached & (ends > window_start) & (config.recent_tokens > 0))
 
