@@ -234,9 +234,8 @@ def _token_precision(facts, block_precision, block_of_token):
                    facts["with_gap"](block_precision, int(Precision.BF16))[block_of_token])
 
 
-def _block_precision(scores, policies, valid, pressure, config):
+def _block_precision(attend_block, scores, pressure, config):
   """i32[blocks]: an ATTEND block's precision by score (`precision_for_score`), others BF16."""
-  attend_block = valid & (policies == int(BlockPolicy.ATTEND))
   return jnp.where(attend_block, precision_for_score(scores, pressure, config),
                    int(Precision.BF16)).astype(jnp.int32)
 
@@ -294,7 +293,7 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
                              jnp.where(candidate, int(Reason.OVER_BUDGET),
                                        int(Reason.BELOW_THRESHOLD)))
   fixed = _fixed_reasons(valid, reached, forced_block, policies)
-  block_precision = _block_precision(scores, policies, valid, pressure, config)
+  block_precision = _block_precision(facts["attend_block"], scores, pressure, config)
   reads = _page_reads(selected, _token_precision(facts, block_precision, block_of_token),
                       facts["by_page"])
   attended = (forced_block | kept) & reached
@@ -388,7 +387,7 @@ def _plan_sequence(starts, ends, policies, scores, valid, block_of_token, seq_le
   by_page, reached = facts["by_page"], facts["reached"]
   attend_token = facts["in_seq"] & facts["with_gap"](facts["attend_block"], False)[block_of_token]
   forced_page = by_page(facts["forced_token"]).any(axis=1)
-  block_precision = _block_precision(scores, policies, valid, pressure, config)
+  block_precision = _block_precision(facts["attend_block"], scores, pressure, config)
   # A selected page reads its forced and ATTEND tokens; a page is selected or not as a whole.
   _, page_precision, page_bits = _page_reads(
       facts["forced_token"] | attend_token,
@@ -497,16 +496,13 @@ def route(
   Returns:
     PageTable with `config.table_capacity(layout.num_tokens)` entries per sequence.
   """
-  arrays = _layout_arrays(layout, seq_lens, config, scores, memory_pressure)
-  num_pages = math.ceil(layout.num_tokens / config.page_size)
   if query is None and cache is None and page_scores is None:
+    arrays = _layout_arrays(layout, seq_lens, config, scores, memory_pressure)
     if budget is not None:
       raise ValueError("budget is for query mode: pass query and cache, or page_scores")
     return _route(*arrays, config=config, num_tokens=layout.num_tokens)
-  page_scores, budgets = _query_mode_inputs(layout.batch_size, num_pages, config, query, cache,
-                                            budget, page_scores)
-  return _select(_plan(*arrays, config=config, num_tokens=layout.num_tokens), page_scores,
-                 budgets)
+  plan = plan_query(layout, seq_lens, config, scores=scores, memory_pressure=memory_pressure)
+  return select_pages(plan, query=query, cache=cache, budget=budget, page_scores=page_scores)
 
 
 def plan_query(layout: BlockLayout, seq_lens: jax.Array, config: RouterConfig, *,

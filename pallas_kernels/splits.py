@@ -1,4 +1,5 @@
-"""Flash-decoding splits: merging the partial results of the kernels' programs.
+"""Flash-decoding splits: merging the partial results of the kernels' programs, and the query
+rows those programs compute (GQA packing: `query_rows`, whose layout `combine` undoes).
 
 A program that attends part of a sequence's keys writes, per query row, its running maximum logit
 `m`, its softmax denominator `l` (relative to m) and its unnormalized output `acc`. `combine` turns
@@ -11,6 +12,16 @@ import jax.numpy as jnp
 from intent_jax import reference
 
 MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
+
+
+def query_rows(q, num_kv_heads: int, rows: int):
+  """GQA packing: the query rows of each kv head, row g * q_len + t for query head g of the group
+  and token t, zero-padded to `rows` (>= group * q_len): [batch, kv heads, rows, head_dim]."""
+  batch, q_len, num_q_heads, head_dim = q.shape
+  group = num_q_heads // num_kv_heads
+  packed = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
+  packed = packed.reshape(batch, num_kv_heads, group * q_len, head_dim)
+  return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - group * q_len), (0, 0)))
 
 
 def combine(partials, q_shape, num_kv_heads: int, *, sinks=None, return_lse=False):

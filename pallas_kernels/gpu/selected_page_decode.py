@@ -207,16 +207,10 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
 
 
 def query_rows(q, num_kv_heads: int):
-  """GQA packing: the query rows of each kv head, row g * q_len + t for query head g of the
-  group and token t, zero-padded to a matmul tile: ([batch, kv heads, rows, head_dim], rows
-  used)."""
-  batch, q_len, num_q_heads, head_dim = q.shape
-  group = num_q_heads // num_kv_heads
-  used_rows = group * q_len
+  """`splits.query_rows` padded to a matmul tile: (q rows, rows used)."""
+  used_rows = q.shape[1] * q.shape[2] // num_kv_heads
   rows = max(MIN_ROWS, _next_power_of_two(used_rows))
-  q_rows = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
-  q_rows = q_rows.reshape(batch, num_kv_heads, used_rows, head_dim)
-  return jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - used_rows), (0, 0))), used_rows
+  return splits.query_rows(q, num_kv_heads, rows), used_rows
 
 
 def prepare(q, cache, table, q_positions, pages_per_block):

@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from intent_jax import cache as cache_lib
 from intent_jax.precision import Precision
+from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 
 LANES = 128
@@ -111,13 +112,9 @@ def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: boo
   c = cache.config
   block = pages_per_block or tuned_block_sizes.TPU_BOUND_PAGES_PER_BLOCK
   batch, q_len, num_q_heads, head_dim = q.shape
-  group = num_q_heads // c.num_kv_heads
-  used_rows = group * q_len
+  used_rows = num_q_heads // c.num_kv_heads * q_len
   rows = -(-used_rows // SUBLANES) * SUBLANES
-  q_rows = jnp.moveaxis(q.astype(jnp.float32).reshape(batch, q_len, c.num_kv_heads, group,
-                                                      head_dim), 1, 3)
-  q_rows = jnp.pad(q_rows.reshape(batch, c.num_kv_heads, used_rows, head_dim),
-                   ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+  q_rows = splits.query_rows(q.astype(jnp.float32), c.num_kv_heads, rows)
   num_pages = -(-c.max_pages_per_seq // block) * block
   pad = ((0, 0), (0, num_pages - c.max_pages_per_seq))
   page_pool = jnp.pad(cache.page_pool, pad, constant_values=cache_lib.UNMAPPED)

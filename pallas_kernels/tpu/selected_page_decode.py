@@ -87,9 +87,7 @@ def prepare(q, cache, table: PageTable, q_positions, pages_per_block: int):
   group = num_q_heads // cfg.num_kv_heads
   used_rows = group * q_len
   rows = math.ceil(used_rows / 16) * 16
-  q_rows = jnp.moveaxis(q.reshape(batch, q_len, cfg.num_kv_heads, group, head_dim), 1, 3)
-  q_rows = jnp.pad(q_rows.reshape(batch, cfg.num_kv_heads, used_rows, head_dim),
-                   ((0, 0), (0, 0), (0, rows - used_rows), (0, 0)))
+  q_rows = splits.query_rows(q, cfg.num_kv_heads, rows)
   row_positions = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, group)),
                           ((0, 0), (0, rows - used_rows)), constant_values=-1)[..., None]
 
