@@ -29,6 +29,7 @@ from intent_jax.models import checkpoint
 from intent_jax.models import generation
 from intent_jax.models.decoder import Decoder, DecoderConfig, create_caches
 from intent_jax.precision import Precision, page_bytes
+from intent_jax.validation import is_int
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 RECALL_CHECKPOINT = os.path.join(DATA_DIR, "recall_tiny.npz")
@@ -159,8 +160,11 @@ class Setting:
       raise ValueError("key_scales='token' is not a cache format: it needs emulated=True")
     if self.emulated and self.storage in (None, Precision.BF16):
       raise ValueError("emulated storage needs a quantized storage Precision")
-    if self.score_channels is not None and (self.scores != "query" or self.exact_page_scores):
-      raise ValueError("score_channels is for scores='query' without exact_page_scores")
+    if self.score_channels is not None:
+      if self.scores != "query" or self.exact_page_scores:
+        raise ValueError("score_channels is for scores='query' without exact_page_scores")
+      if not is_int(self.score_channels) or self.score_channels < 1:
+        raise ValueError(f"score_channels={self.score_channels!r} must be None or an int >= 1")
     if self.router is not None and not isinstance(self.router, router_lib.RouterConfig):
       raise TypeError(f"router must be a RouterConfig or None, got {type(self.router).__name__}")
 

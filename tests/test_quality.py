@@ -129,6 +129,8 @@ class SettingTest(absltest.TestCase):
       S("x", scores="query", page_budget=0)
     with self.assertRaisesRegex(ValueError, "score_channels is for scores='query'"):
       S("x", scores="cosine", score_channels=4)
+    with self.assertRaisesRegex(ValueError, "score_channels=0 must be None or an int >= 1"):
+      S("x", scores="query", score_channels=0)
 
   def test_examples_must_ask_one_question(self):
     model, task, _ = quality.load_recall_model()
