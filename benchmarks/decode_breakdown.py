@@ -19,7 +19,6 @@ from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax.precision import Precision
-from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.gpu import selected_page_decode as kernel
 
@@ -61,7 +60,7 @@ def main(argv):
         table = decode_inputs.selection_table(rng, batch, num_tokens, 16, selection,
                                               decode_inputs.precision_picker(storage))
         cache = decode_inputs.stored_cache(k, v, table, 16)
-        blocks = tuned_block_sizes.GPU_DECODE_BLOCKS[16]
+        blocks = tuned_block_sizes.gpu_decode_blocks(16, quantized=storage != "bf16")
         num_splits = tuned_block_sizes.gpu_num_splits(batch, 8, table.max_pages,
                                                   blocks.pages_per_block,
                                                   tuned_block_sizes.GPU_DEFAULT_CORES)
@@ -82,8 +81,8 @@ def main(argv):
                 nudge_q(n, q), c, t, positions, blocks.pages_per_block), (q, cache, table)),
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
-            "combine": (lambda n, p: splits.combine(
-                (p[0] + n,) + tuple(p[1:]), q_shape, 8), (partials,)),
+            "merge splits": (lambda n, p: kernel.merge_splits(
+                (p[0] + n,) + tuple(p[1:]), q_shape), (partials,)),
         }
         if storage == "bf16":
           _, slots = kernel.cache_lib.lookup(cache, table)

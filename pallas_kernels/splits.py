@@ -24,7 +24,16 @@ def query_rows(q, num_kv_heads: int, rows: int):
   return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - group * q_len), (0, 0)))
 
 
-def combine(partials, q_shape, num_kv_heads: int, *, sinks=None, return_lse=False):
+def unpack_rows(x, q_len: int, num_q_heads: int):
+  """Undoes `query_rows`: [batch, kv heads, rows, *tail] -> [batch, q_len, num_q_heads, *tail],
+  the padding rows dropped."""
+  batch, num_kv_heads, _, *tail = x.shape
+  group = num_q_heads // num_kv_heads
+  x = x[:, :, :group * q_len].reshape(batch, num_kv_heads, group, q_len, *tail)
+  return jnp.moveaxis(x, 3, 1).reshape(batch, q_len, num_q_heads, *tail)
+
+
+def combine(partials, q_shape, *, sinks=None, return_lse=False):
   """Log-sum-exp over the splits' partial results; the sinks join the denominator.
 
   Args:
@@ -32,7 +41,6 @@ def combine(partials, q_shape, num_kv_heads: int, *, sinks=None, return_lse=Fals
       f32[batch, kv_heads, splits, rows, head_dim] (or two halves of it); row g * q_len + t is
       query head g of the group at query token t; rows past group * q_len are padding.
     q_shape: (batch, q_len, num_q_heads, head_dim).
-    num_kv_heads: kv heads.
     sinks: optional f32[num_q_heads].
     return_lse: also return the merged log-sum-exp f32[batch, q_len, num_q_heads].
 
@@ -43,14 +51,12 @@ def combine(partials, q_shape, num_kv_heads: int, *, sinks=None, return_lse=Fals
   if halves:
     acc = acc + jnp.concatenate(halves, axis=-1)
   batch, q_len, num_q_heads, _ = q_shape
-  group = num_q_heads // num_kv_heads
   num_splits = m.shape[2]
 
   def by_split(x):  # [batch, kv heads, splits, rows, *tail] -> [splits, batch, q_len, heads, *tail]
-    tail = x.shape[4:]
-    x = x[:, :, :, :group * q_len].reshape(batch, num_kv_heads, num_splits, group, q_len, *tail)
-    x = jnp.moveaxis(x, (2, 4), (0, 2))  # [splits, batch, q_len, kv heads, group, *tail]
-    return x.reshape(num_splits, batch, q_len, num_q_heads, *tail)
+    x = jnp.moveaxis(x, 2, 0)
+    x = unpack_rows(x.reshape(num_splits * batch, *x.shape[2:]), q_len, num_q_heads)
+    return x.reshape(num_splits, batch, *x.shape[1:])
 
   seen = l > 0
   lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)

@@ -19,20 +19,31 @@ class GpuDecodeBlocks:
   num_stages: int
 
 
-# By page size: 128 keys per iteration.
-GPU_DECODE_BLOCKS = {
-    16: GpuDecodeBlocks(pages_per_block=8, num_warps=4, num_stages=2),
-    32: GpuDecodeBlocks(pages_per_block=4, num_warps=4, num_stages=2),
-    64: GpuDecodeBlocks(pages_per_block=2, num_warps=4, num_stages=2),
-    128: GpuDecodeBlocks(pages_per_block=1, num_warps=4, num_stages=2),
-    256: GpuDecodeBlocks(pages_per_block=1, num_warps=8, num_stages=2),
-}
+# 128 keys per iteration whatever the page size. Measured on an H100 at page 16 (8 x 128K and
+# 1 x 128K tokens, 25% of the pages; docs in BENCHMARKS.md): BF16 pages are fastest with 8 warps
+# and 2 stages; quantized pages, whose dequantization needs registers, with 4 warps and 3 stages
+# (8 warps cost INT4 30%).
+GPU_DECODE_KEYS_PER_BLOCK = 128
+GPU_DECODE_PAGE_SIZES = (16, 32, 64, 128, 256)
+GPU_DECODE_WARPS_STAGES = {False: (8, 2), True: (4, 3)}  # By "some pages are quantized".
+
+
+def gpu_decode_blocks(page_size: int, quantized: bool) -> GpuDecodeBlocks:
+  """The GPU decode kernel's tiling for pages of `page_size` tokens; `quantized`: the cache holds
+  pages in a format other than BF16."""
+  if page_size not in GPU_DECODE_PAGE_SIZES:
+    raise ValueError(f"page_size must be one of {GPU_DECODE_PAGE_SIZES}, got {page_size}")
+  warps, stages = GPU_DECODE_WARPS_STAGES[quantized]
+  return GpuDecodeBlocks(pages_per_block=max(1, GPU_DECODE_KEYS_PER_BLOCK // page_size),
+                         num_warps=warps, num_stages=stages)
+
+
 # The GPU page-bound (scoring) kernel: logical pages per program and warps (swept on an H100 at
 # 8 x 128K tokens over 16-128 pages and 2-8 warps: 214 us here, 215-268 us for the neighbours).
 GPU_BOUND_PAGES_PER_BLOCK = 64
 GPU_BOUND_NUM_WARPS = 8
 # Programs per multiprocessor the split count aims for: enough to hide memory latency.
-GPU_PROGRAMS_PER_CORE = 4
+GPU_PROGRAMS_PER_CORE = 2
 GPU_DEFAULT_CORES = 132  # An H100 SXM; used when the device does not say.
 
 

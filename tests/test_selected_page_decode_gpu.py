@@ -12,6 +12,7 @@ from intent_jax.attention import decode_attention
 from intent_jax.layout import BlockLayout, BlockPolicy
 from intent_jax.precision import Precision
 from intent_jax.router import RouterConfig, route
+from pallas_kernels import splits
 from pallas_kernels.gpu import selected_page_decode as kernel
 from tests import spec
 
@@ -55,6 +56,48 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     else:
       out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
       self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
+
+  @parameterized.parameters((1, 8), (1, 32), (2, 8))
+  def test_bf16_only_cache_queries_before_the_end(self, q_len, pages_per_block):
+    """One stored format (entries not sorted) and queries placed before the sequences' ends: with
+    one query token its position is folded into the token bits, with two each row masks by its
+    own. 32 pages per block is wider than the table (19 pages): its entries are padded."""
+    cache, table = spec.kernel_case(7, num_kv_heads=2, head_dim=32, page_size=16,
+                                    dtype="float32", pressure=0.0, eight_bit=INT8, recent=16,
+                                    formats=(B16,))
+    q_positions = cache.lengths[:, None] - 45 + jnp.arange(q_len)
+    q = jax.random.normal(jax.random.key(3), (BATCH, q_len, 4, 32))
+    out = kernel.selected_page_decode(q, cache, table, q_positions=q_positions, interpret=True,
+                                      num_splits=2, poison=True,
+                                      blocks=kernel.tuned_block_sizes.GpuDecodeBlocks(
+                                          pages_per_block, 4, 2))
+    expected = reference.paged_attention(q, cache, table, q_positions=q_positions)
+    everything = reference.paged_attention(q, cache, table)
+    self.assertGreater(float(jnp.max(jnp.abs(expected - everything))), 1e-2)  # Positions count.
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters((False, False), (True, False), (False, True), (True, True))
+  def test_merge_splits_matches_combine(self, with_int4, with_sinks):
+    """The merge kernel against splits.combine, on random partial results where some splits saw
+    nothing (l = 0, m = MASK_VALUE, acc = 0) and, in row 0 of one head, none did."""
+    batch, kv_heads, num_splits, rows, head_dim, q_len, q_heads = 2, 2, 4, 16, 32, 2, 8
+    keys = jax.random.split(jax.random.key(with_int4 + 2 * with_sinks), 6)
+    shape = (batch, kv_heads, num_splits, rows)
+    seen = jax.random.bernoulli(keys[0], 0.7, shape).at[0, 1, :, 0].set(False)
+    m = jnp.where(seen, 3 * jax.random.normal(keys[1], shape), splits.MASK_VALUE)
+    l = jnp.where(seen, jax.random.uniform(keys[2], shape, minval=1.0, maxval=9.0), 0.0)
+    acc = jnp.where(seen[..., None], jax.random.normal(keys[3], shape + (head_dim,)), 0.0)
+    partials = (m, l, acc)
+    if with_int4:
+      halves = jax.random.normal(keys[4], (2,) + shape + (head_dim // 2,))
+      partials += tuple(jnp.where(seen[..., None], halves, 0.0))
+    sinks = jax.random.normal(keys[5], (q_heads,)) if with_sinks else None
+    q_shape = (batch, q_len, q_heads, head_dim)
+    out, lse = kernel.merge_splits(partials, q_shape, sinks=sinks, interpret=True)
+    want_out, want_lse = splits.combine(partials, q_shape, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
+    self.assertEqual(bool(jnp.isneginf(lse[0, 0, 4])), not with_sinks)  # Row 0 of kv head 1.
 
   def test_return_lse_matches_oracle(self):
     """What sharded decode merges: float32 output and log-sum-exp, over 3 splits."""

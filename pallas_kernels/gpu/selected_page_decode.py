@@ -31,6 +31,7 @@ from pallas_kernels.splits import MASK_VALUE
 
 MIN_ROWS = 16  # Triton's smallest matmul tile.
 _BOUNDS = 8  # bounds[b] holds NUM_PRECISIONS + 1 = 5 offsets, padded to a power of two.
+_SLOT, _PAGE, _BITS = 0, 1, 2  # Columns of the entries array: pool slot, page id, token bits.
 
 
 def _next_power_of_two(n: int) -> int:
@@ -47,7 +48,7 @@ def static_validate_inputs(q, cache, table) -> None:
     raise NotImplementedError(f"pallas_gpu needs head_dim a power of two >= 32, got {head_dim}")
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise NotImplementedError(f"pallas_gpu computes in bfloat16, float16 or float32, not {q.dtype}")
-  if table.page_size not in tuned_block_sizes.GPU_DECODE_BLOCKS:
+  if table.page_size not in tuned_block_sizes.GPU_DECODE_PAGE_SIZES:
     raise NotImplementedError(f"no block sizes for page_size {table.page_size}")
 
 
@@ -60,12 +61,15 @@ def _token_mask(words, page_size: int):
 
 
 def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_splits, scale,
-            softcap, compute_dtype):
-  bounds_ref, slots_ref, pages_ref, bits_ref, q_pos_ref, q_ref = refs[:6]
-  pool_refs = refs[6:6 + num_pool_refs]  # Then, when poisoned, the aliased output buffers.
+            softcap, compute_dtype, row_positions):
+  bounds_ref, entries_ref, q_ref = refs[:3]
+  q_pos_ref = refs[3] if row_positions else None
+  refs = refs[4 if row_positions else 3:]
+  pool_refs = refs[:num_pool_refs]  # Then, when poisoned, the aliased output buffers.
   with_int4 = Precision.INT4 in precisions
   out_refs = refs[-5:] if with_int4 else refs[-3:]
   rows, head_dim = q_ref.shape
+  capacity, columns = entries_ref.shape
   half = head_dim // 2
   keys = pages_per_block * page_size
   exact = compute_dtype == jnp.float32
@@ -76,21 +80,24 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
   start = pl.program_id(2) * share
   stop = jnp.minimum(start + share, total)
   q = q_ref[...]
-  q_pos = q_pos_ref[...]
 
   def block(first, last, pool, it, carry):
     m_prev, l_prev, acc, halves = carry
     precision = pool["precision"]
-    # The block's table entries are contiguous: plain vector loads (the entry arrays carry one
-    # block of padding, so the last block's loads stay in bounds).
+    # The block's table entries are contiguous: plain vector loads. The last block of the table
+    # is loaded from capacity - pages_per_block on; entries before block_start are not its own.
     block_start = first + it * pages_per_block
-    entries = pl.ds(block_start, pages_per_block)
-    live = block_start + jnp.arange(pages_per_block) < last
-    slot = jnp.where(live, slots_ref[entries], 0)
-    visible_tokens = (_token_mask(bits_ref[entries, :], page_size) & live[:, None]).reshape(keys)
-    positions = (pages_ref[entries][:, None] * page_size +
-                 jnp.arange(page_size, dtype=jnp.int32)[None, :]).reshape(keys)
-    visible = visible_tokens[None, :] & (positions[None, :] <= q_pos[:, None])
+    at = jnp.minimum(block_start, capacity - pages_per_block)
+    entries = pl.ds(at, pages_per_block)
+    index = at + jnp.arange(pages_per_block)
+    live = (index >= block_start) & (index < last)
+    slot = jnp.where(live, entries_ref[entries, _SLOT], 0)
+    bits = entries_ref[entries, pl.ds(_BITS, columns - _BITS)]
+    visible = (_token_mask(bits, page_size) & live[:, None]).reshape(1, keys)
+    if row_positions:  # Several query tokens: each row sees the keys up to its own position.
+      positions = (entries_ref[entries, _PAGE][:, None] * page_size +
+                   jnp.arange(page_size, dtype=jnp.int32)[None, :]).reshape(keys)
+      visible = visible & (positions[None, :] <= q_pos_ref[...][:, None])
 
     if precision == Precision.INT4:  # Low nibbles are channels [0, half), high the rest.
       k_low, k_high = (x.astype(jnp.float32) for x in quant.int4_nibbles(pool["k"][slot]))
@@ -111,7 +118,10 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
 
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp(m_prev - m_next)
-    weights = jnp.where(visible, jnp.exp(logits - m_next[:, None]), 0.0)
+    # Masked logits underflow to weight 0 against any visible maximum; a row that has seen
+    # nothing yet subtracts 0 instead, so its masked keys weigh exp(MASK_VALUE) = 0 too.
+    seen = jnp.where(m_next == MASK_VALUE, 0.0, m_next)
+    weights = jnp.exp(logits - seen[:, None])
     l_next = l_prev * correction + jnp.sum(weights, axis=1)
     if precision != Precision.BF16:
       weights = weights * pool["v_scale"][slot].reshape(keys)[None, :]  # V's scale per token.
@@ -145,23 +155,116 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
     ref[...] = value
 
 
-def _sorted_entries(cache, table, capacity: int):
-  """The table's entries sorted by stored precision, padded to `capacity`.
+def _merge_kernel(*refs, with_int4, with_sinks):
+  """Per (sequence, kv head, query row): the splits' (m, l, acc) merged by log-sum-exp, with the
+  row's sink logit in the denominator; out f32[head_dim] and lse f32[] (-inf: nothing seen)."""
+  m_ref, l_ref, acc_ref = refs[:3]
+  halves_refs = refs[3:5] if with_int4 else ()
+  out_ref, lse_ref = refs[-2:]
+  l = l_ref[...]
+  m = jnp.where(l > 0, m_ref[...], MASK_VALUE)
+  top = jnp.max(m)
+  if with_sinks:  # The sink is a key with no value.
+    sink = jnp.max(refs[-3][...])
+    top = jnp.maximum(top, sink)
+  weights = jnp.exp(m - top)  # 0 for a split that saw nothing (unless no split did: then l = 0).
+  denominator = jnp.sum(l * weights) + (jnp.exp(sink - top) if with_sinks else 0.0)
+  seen = denominator > 0
+  scale = weights / jnp.where(seen, denominator, 1.0)
+  # INT4 pages' two half-width accumulators add to the full-width one's two halves.
+  width = acc_ref.shape[1] // 2 if with_int4 else acc_ref.shape[1]
+  for i, column in enumerate(range(0, acc_ref.shape[1], width)):
+    part = acc_ref[:, pl.ds(column, width)]
+    for ref in halves_refs[i:i + 1]:
+      part = part + ref[...]
+    out_ref[pl.ds(column, width)] = jnp.sum(part * scale[:, None], axis=0)
+  lse = jnp.where(seen, top + jnp.log(jnp.where(seen, denominator, 1.0)), -jnp.inf)
+  lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
-  Returns slots, pages i32[batch, capacity]; bits i32[batch, capacity, words]; bounds
-  i32[batch, 8] where entries bounds[p] .. bounds[p+1] are stored in Precision p.
+
+def merge_splits(partials, q_shape, *, sinks=None, interpret=False):
+  """`splits.combine` in one Pallas launch (its reference): the kernel's partial results merged
+  over splits. Returns f32 out [batch, q_len, num_q_heads, head_dim] and lse [batch, q_len,
+  num_q_heads]."""
+  m, l, acc, *halves = partials
+  batch, num_kv_heads, num_splits, rows, head_dim = acc.shape
+  q_len, num_q_heads = q_shape[1], q_shape[2]
+  used_rows = q_len * num_q_heads // num_kv_heads
+  arrays = [m, l, acc] + halves
+  if num_splits & (num_splits - 1):  # Pad to a power of two with splits that saw nothing.
+    pad = _next_power_of_two(num_splits) - num_splits
+    arrays = [jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3),
+                      constant_values=MASK_VALUE if x is m else 0.0) for x in arrays]
+  # One program per query row: its splits' partial results, all loaded at once.
+  per_row = lambda x: pl.BlockSpec((None, None, x.shape[2], None) + x.shape[4:],
+                                   lambda b, h, r: (b, h, 0, r) + (0,) * (x.ndim - 4))
+  in_specs = [per_row(x) for x in arrays]
+  if sinks is not None:  # Row g * q_len + t of kv head h is query head h * group + g.
+    arrays.append(jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, -1), q_len,
+                             axis=1)[..., None])
+    in_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, r: (h, r, 0)))
+  out, lse = pl.pallas_call(
+      functools.partial(_merge_kernel, with_int4=bool(halves), with_sinks=sinks is not None),
+      grid=(batch, num_kv_heads, used_rows),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, r: (b, h, r, 0)),
+                 pl.BlockSpec((None, None, None, 1), lambda b, h, r: (b, h, r, 0))],
+      out_shape=[jax.ShapeDtypeStruct((batch, num_kv_heads, used_rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, num_kv_heads, used_rows, 1), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="selected_page_decode_merge",
+  )(*arrays)
+  return (splits.unpack_rows(out, q_len, num_q_heads),
+          splits.unpack_rows(lse[..., 0], q_len, num_q_heads))
+
+
+def _visible_bits(table, mapped, q_positions):
+  """i32[batch, max_pages, words]: the table's token bits, cleared on unmapped entries and, for a
+  single query token, past its position (so the kernel masks keys by these bits alone)."""
+  bits = jnp.where(mapped[:, :, None], table.token_bits, 0)
+  if q_positions.shape[1] == 1:
+    first_token = (table.page_ids[:, :, None] * table.page_size +
+                   BITS_PER_WORD * jnp.arange(bits.shape[2], dtype=jnp.int32))
+    count = jnp.clip(q_positions[:, :, None] + 1 - first_token, 0, BITS_PER_WORD)
+    low_bits = jnp.where(count >= BITS_PER_WORD, jnp.uint32(0xFFFFFFFF),
+                         (jnp.uint32(1) << count.astype(jnp.uint32)) - 1)
+    bits = bits & low_bits
+  return jax.lax.bitcast_convert_type(bits, jnp.int32)
+
+
+def _by_precision(key, entries):
+  """Entries grouped by key (stable), by counting: (grouped entries, bounds i32[batch, 8]) where
+  group p is entries bounds[p] .. bounds[p+1]. key: i32[batch, n] in 0..NUM_PRECISIONS."""
+  groups = jnp.arange(NUM_PRECISIONS + 1)
+  below = jnp.sum(key[:, :, None] < groups, axis=1, dtype=jnp.int32)  # Where each group starts.
+  rank = jnp.cumsum(key[:, :, None] == groups, axis=1, dtype=jnp.int32) - 1
+  order = (jnp.take_along_axis(below, key, axis=1) +
+           jnp.take_along_axis(rank, key[:, :, None], axis=2)[:, :, 0])
+  rows = jnp.arange(key.shape[0])[:, None]
+  grouped = jnp.zeros_like(entries).at[rows, order].set(entries, unique_indices=True)
+  return grouped, jnp.pad(below, ((0, 0), (0, _BOUNDS - NUM_PRECISIONS - 1)))
+
+
+def _entries(cache, table, q_positions, min_entries: int):
+  """The table's entries for the kernel: (bounds i32[batch, 8], entries i32[batch, n, 2 + words])
+  with columns (slot, page id, token bits (`_visible_bits`)...), grouped by stored precision
+  when the cache holds more than one: entries bounds[p] .. bounds[p+1] are stored in Precision p.
+  n is the table's width, padded to at least `min_entries`.
   """
   pools, slots = cache_lib.lookup(cache, table)
-  key = jnp.where(pools == cache_lib.UNMAPPED, NUM_PRECISIONS, pools)
-  order = jnp.argsort(key, axis=1, stable=True)
-  pad = capacity - table.max_pages
-  take = lambda x: jnp.pad(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
-                                               axis=1),
-                           ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-  bits = jax.lax.bitcast_convert_type(table.token_bits, jnp.int32)
-  below = jnp.sum(key[:, :, None] < jnp.arange(NUM_PRECISIONS + 1), axis=1, dtype=jnp.int32)
-  bounds = jnp.pad(below, ((0, 0), (0, _BOUNDS - NUM_PRECISIONS - 1)))
-  return take(jnp.maximum(slots, 0)), take(table.page_ids), take(bits), bounds
+  mapped = pools != cache_lib.UNMAPPED
+  entries = jnp.concatenate([jnp.maximum(slots, 0)[:, :, None], table.page_ids[:, :, None],
+                             _visible_bits(table, mapped, q_positions)], axis=2)
+  stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
+  if len(stored) == 1:  # Nothing to group; unmapped entries are masked by their bits.
+    in_table = jnp.minimum(table.num_pages, table.max_pages)[:, None]
+    bounds = jnp.where(jnp.arange(_BOUNDS) > int(stored[0]), in_table, 0).astype(jnp.int32)
+    bounds = jnp.where(jnp.arange(_BOUNDS) > NUM_PRECISIONS, 0, bounds)
+  else:
+    entries, bounds = _by_precision(jnp.where(mapped, pools, NUM_PRECISIONS), entries)
+  pad = max(0, min_entries - table.max_pages)
+  return bounds, jnp.pad(entries, ((0, 0), (0, pad), (0, 0)))
 
 
 def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
@@ -190,7 +293,9 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
     return_lse, the output in float32 and its log-sum-exp (as `reference.attention`).
   """
   static_validate_inputs(q, cache, table)
-  blocks = blocks or tuned_block_sizes.GPU_DECODE_BLOCKS[table.page_size]
+  blocks = blocks or tuned_block_sizes.gpu_decode_blocks(
+      table.page_size, quantized=any(pool.num_pages > 0 and pool.precision != Precision.BF16
+                                        for pool in cache.pools))
   if num_splits is None:
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.gpu_num_splits(q.shape[0], cache.config.num_kv_heads,
@@ -201,9 +306,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
-  out = splits.combine(partials, q.shape, cache.config.num_kv_heads,
-                       sinks=sinks, return_lse=return_lse)
-  return out if return_lse else out.astype(q.dtype)
+  out, lse = merge_splits(partials, q.shape, sinks=sinks, interpret=interpret)
+  return (out, lse) if return_lse else out.astype(q.dtype)
 
 
 def query_rows(q, num_kv_heads: int):
@@ -214,26 +318,27 @@ def query_rows(q, num_kv_heads: int):
 
 
 def prepare(q, cache, table, q_positions, pages_per_block):
-  """The kernel's inputs besides the pools: (bounds, slots, pages, bits, row positions, q rows).
+  """The kernel's inputs besides the pools: (bounds, entries, q rows[, row positions]).
 
-  Query rows of a kv head are (query head in the group, query token), padded for the matmul.
+  Query rows of a kv head are (query head in the group, query token), padded for the matmul;
+  row positions (i32[batch, rows], row g * q_len + t -> token t) only for several query tokens.
   """
   group = q.shape[2] // cache.config.num_kv_heads
   q_rows, used_rows = query_rows(q, cache.config.num_kv_heads)
-  rows = q_rows.shape[2]
-  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))  # row g * q_len + t -> token t
-  row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used_rows)), constant_values=-1)
-  capacity = _next_power_of_two(table.max_pages + pages_per_block)  # One block of padding.
-  slots, pages, bits, bounds = _sorted_entries(cache, table, capacity)
-  return bounds, slots, pages, bits, row_pos, q_rows
+  inputs = _entries(cache, table, q_positions, pages_per_block) + (q_rows,)
+  if q.shape[1] == 1:
+    return inputs
+  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))
+  return inputs + (jnp.pad(row_pos, ((0, 0), (0, q_rows.shape[2] - used_rows)),
+                           constant_values=-1),)
 
 
 def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_dtype, scale,
                softcap):
   """The pallas_call: per (sequence, kv head, split), f32 (m, l, acc[, acc_low, acc_high])."""
-  bounds, slots, pages, bits, row_pos, q_rows = inputs
+  bounds, entries, q_rows = inputs[:3]
+  row_positions = len(inputs) == 4
   batch, num_kv_heads, rows, head_dim = q_rows.shape
-  capacity, words = bits.shape[1:]
   half = head_dim // 2
   present = [pool for pool in cache.pools if pool.num_pages > 0]
   with_int4 = any(pool.precision == Precision.INT4 for pool in present)
@@ -241,9 +346,9 @@ def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_
   per_seq = lambda *tail: pl.BlockSpec((None,) + tail, lambda b, h, s: (b,) + (0,) * len(tail))
   per_pool = lambda x: pl.BlockSpec((None,) + x.shape[1:],
                                     lambda b, h, s: (h,) + (0,) * (x.ndim - 1))
-  in_specs = [per_seq(_BOUNDS), per_seq(capacity), per_seq(capacity), per_seq(capacity, words),
-              per_seq(rows),
+  in_specs = [per_seq(_BOUNDS), per_seq(*entries.shape[1:]),
               pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  in_specs += [per_seq(rows)] if row_positions else []
   arrays = list(inputs)
   for pool in present:
     pool_arrays = [pool.k, pool.v]
@@ -251,7 +356,7 @@ def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_
       pool_arrays += [pool.k_scale, pool.v_scale]
     arrays += pool_arrays
     in_specs += [per_pool(x) for x in pool_arrays]
-  num_pool_refs = len(arrays) - 6
+  num_pool_refs = len(arrays) - len(inputs)
   out_block = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                          lambda b, h, s: (b, h, s) + (0,) * len(tail))
   tails = [(rows,), (rows,), (rows, head_dim)] + [(rows, half)] * (2 if with_int4 else 0)
@@ -267,7 +372,8 @@ def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_
       _kernel, precisions=tuple(pool.precision for pool in present), num_pool_refs=num_pool_refs,
       pages_per_block=blocks.pages_per_block, page_size=cache.config.page_size,
       num_splits=num_splits, scale=float(scale),
-      softcap=None if softcap is None else float(softcap), compute_dtype=compute_dtype)
+      softcap=None if softcap is None else float(softcap), compute_dtype=compute_dtype,
+      row_positions=row_positions)
   return pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads, num_splits),

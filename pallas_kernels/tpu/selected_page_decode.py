@@ -310,6 +310,6 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
       interpret=pltpu.InterpretParams() if interpret else False,
       name="selected_page_decode_tpu",
   )(bounds, run_ends, slots, q_rows, row_positions, positions, *pool_arrays)
-  out = splits.combine((m[..., 0], l[..., 0], acc), q.shape, cfg.num_kv_heads,
+  out = splits.combine((m[..., 0], l[..., 0], acc), q.shape,
                        sinks=sinks, return_lse=return_lse)
   return out if return_lse else out.astype(q.dtype)
