@@ -4,6 +4,8 @@ Each stage runs `--reps` times inside one jitted loop, each repetition made to d
 (so none is hoisted or merged); the time of an empty loop of as many repetitions is subtracted.
 
   python -m benchmarks.decode_breakdown --shapes=8x131072,1x131072 --storages=bf16,int4
+
+--split_factors also times the whole call with the default split count times each factor.
 """
 
 import functools
@@ -19,6 +21,7 @@ from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
 from intent_jax.precision import Precision
+from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.gpu import selected_page_decode as kernel
 
@@ -26,6 +29,8 @@ _SHAPES = flags.DEFINE_list("shapes", ["8x131072", "1x131072"], "batch x tokens.
 _SELECTIONS = flags.DEFINE_list("selections", ["0.25", "0.0625"], "Fractions of pages read.")
 _STORAGES = flags.DEFINE_list("storages", ["bf16", "int4"], "Formats of the pages.")
 _REPS = flags.DEFINE_integer("reps", 20, "Repetitions inside one jitted loop.")
+_SPLIT_FACTORS = flags.DEFINE_list("split_factors", [], "Also time the whole call with the "
+                                   "default split count times these (e.g. 0.5,2).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
 
 
@@ -75,15 +80,21 @@ def main(argv):
         stages = {
             "decode_attention (all)": (lambda n, q, c, t: attention.decode_attention(
                 nudge_q(n, q), c, t, implementation="pallas_gpu"), (q, cache, table)),
-            "selected_page_decode": (lambda n, q, c, t: kernel.selected_page_decode(
-                nudge_q(n, q), c, t), (q, cache, table)),
+            f"selected_page_decode splits={num_splits}": (
+                lambda n, q, c, t: kernel.selected_page_decode(nudge_q(n, q), c, t),
+                (q, cache, table)),
             "prepare (lookup, sort)": (lambda n, q, c, t: kernel.prepare(
                 nudge_q(n, q), c, t, positions, blocks.pages_per_block), (q, cache, table)),
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
-            "merge splits": (lambda n, p: kernel.merge_splits(
+            "combine": (lambda n, p: splits.combine(
                 (p[0] + n,) + tuple(p[1:]), q_shape), (partials,)),
         }
+        for factor in map(float, _SPLIT_FACTORS.value):
+          other = max(1, int(num_splits * factor))
+          stages[f"selected_page_decode splits={other}"] = (
+              lambda n, q, c, t, other=other: kernel.selected_page_decode(
+                  nudge_q(n, q), c, t, num_splits=other), (q, cache, table))
         if storage == "bf16":
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]

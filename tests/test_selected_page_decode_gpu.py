@@ -12,7 +12,6 @@ from intent_jax.attention import decode_attention
 from intent_jax.layout import BlockLayout, BlockPolicy
 from intent_jax.precision import Precision
 from intent_jax.router import RouterConfig, route
-from pallas_kernels import splits
 from pallas_kernels.gpu import selected_page_decode as kernel
 from tests import spec
 
@@ -75,29 +74,6 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     everything = reference.paged_attention(q, cache, table)
     self.assertGreater(float(jnp.max(jnp.abs(expected - everything))), 1e-2)  # Positions count.
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-
-  @parameterized.parameters((False, False), (True, False), (False, True), (True, True))
-  def test_merge_splits_matches_combine(self, with_int4, with_sinks):
-    """The merge kernel against splits.combine, on random partial results where some splits saw
-    nothing (l = 0, m = MASK_VALUE, acc = 0) and, in row 0 of one head, none did."""
-    batch, kv_heads, num_splits, rows, head_dim, q_len, q_heads = 2, 2, 4, 16, 32, 2, 8
-    keys = jax.random.split(jax.random.key(with_int4 + 2 * with_sinks), 6)
-    shape = (batch, kv_heads, num_splits, rows)
-    seen = jax.random.bernoulli(keys[0], 0.7, shape).at[0, 1, :, 0].set(False)
-    m = jnp.where(seen, 3 * jax.random.normal(keys[1], shape), splits.MASK_VALUE)
-    l = jnp.where(seen, jax.random.uniform(keys[2], shape, minval=1.0, maxval=9.0), 0.0)
-    acc = jnp.where(seen[..., None], jax.random.normal(keys[3], shape + (head_dim,)), 0.0)
-    partials = (m, l, acc)
-    if with_int4:
-      halves = jax.random.normal(keys[4], (2,) + shape + (head_dim // 2,))
-      partials += tuple(jnp.where(seen[..., None], halves, 0.0))
-    sinks = jax.random.normal(keys[5], (q_heads,)) if with_sinks else None
-    q_shape = (batch, q_len, q_heads, head_dim)
-    out, lse = kernel.merge_splits(partials, q_shape, sinks=sinks, interpret=True)
-    want_out, want_lse = splits.combine(partials, q_shape, sinks=sinks, return_lse=True)
-    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
-    self.assertEqual(bool(jnp.isneginf(lse[0, 0, 4])), not with_sinks)  # Row 0 of kv head 1.
 
   def test_return_lse_matches_oracle(self):
     """What sharded decode merges: float32 output and log-sum-exp, over 3 splits."""

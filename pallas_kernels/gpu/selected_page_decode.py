@@ -2,15 +2,17 @@
 
 Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
-Work: one program per (sequence, kv head, split). The wrapper sorts each sequence's table entries
-by the precision their page is stored in; a program takes its split's share of them and runs one
-loop per precision, each over blocks of `pages_per_block` pages: gather the pages' K and V from
-that precision's pool, dequantize in registers (INT4 nibbles, FP8/INT8 codes times their scales),
-and attend every query row of the kv head at once (GQA packing: a page is read once per kv head)
-with an online softmax. INT4 pages are unpacked as the two halves of the channels (their storage
-layout) into two half-width accumulators, added to the full-width one after the kernel, so no path
-slices registers. Splits (flash-decoding) are combined by log-sum-exp after the kernel, where the
-sink logits join the denominator.
+Work: one program per (sequence, kv head, split). The wrapper packs each sequence's table entries
+(pool slot, page id, token bits) into one array, grouped by the precision their page is stored in
+(a counting sort; none when the cache stores one format), and with a single query token clears
+the bits past its position, so keys are masked by bits alone. A program takes its split's share
+of the entries and runs one loop per precision, each over blocks of `pages_per_block` pages:
+gather the pages' K and V from that precision's pool, dequantize in registers (INT4 nibbles,
+FP8/INT8 codes times their scales), and attend every query row of the kv head at once (GQA
+packing: a page is read once per kv head) with an online softmax. INT4 pages are unpacked as the
+two halves of the channels (their storage layout) into two half-width accumulators, added to the
+full-width one after the kernel, so no path slices registers. Splits (flash-decoding) are
+combined by log-sum-exp after the kernel, where the sink logits join the denominator.
 """
 
 import functools
@@ -155,70 +157,6 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
     ref[...] = value
 
 
-def _merge_kernel(*refs, with_int4, with_sinks):
-  """Per (sequence, kv head, query row): the splits' (m, l, acc) merged by log-sum-exp, with the
-  row's sink logit in the denominator; out f32[head_dim] and lse f32[] (-inf: nothing seen)."""
-  m_ref, l_ref, acc_ref = refs[:3]
-  halves_refs = refs[3:5] if with_int4 else ()
-  out_ref, lse_ref = refs[-2:]
-  l = l_ref[...]
-  m = jnp.where(l > 0, m_ref[...], MASK_VALUE)
-  top = jnp.max(m)
-  if with_sinks:  # The sink is a key with no value.
-    sink = jnp.max(refs[-3][...])
-    top = jnp.maximum(top, sink)
-  weights = jnp.exp(m - top)  # 0 for a split that saw nothing (unless no split did: then l = 0).
-  denominator = jnp.sum(l * weights) + (jnp.exp(sink - top) if with_sinks else 0.0)
-  seen = denominator > 0
-  scale = weights / jnp.where(seen, denominator, 1.0)
-  # INT4 pages' two half-width accumulators add to the full-width one's two halves.
-  width = acc_ref.shape[1] // 2 if with_int4 else acc_ref.shape[1]
-  for i, column in enumerate(range(0, acc_ref.shape[1], width)):
-    part = acc_ref[:, pl.ds(column, width)]
-    for ref in halves_refs[i:i + 1]:
-      part = part + ref[...]
-    out_ref[pl.ds(column, width)] = jnp.sum(part * scale[:, None], axis=0)
-  lse = jnp.where(seen, top + jnp.log(jnp.where(seen, denominator, 1.0)), -jnp.inf)
-  lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
-
-
-def merge_splits(partials, q_shape, *, sinks=None, interpret=False):
-  """`splits.combine` in one Pallas launch (its reference): the kernel's partial results merged
-  over splits. Returns f32 out [batch, q_len, num_q_heads, head_dim] and lse [batch, q_len,
-  num_q_heads]."""
-  m, l, acc, *halves = partials
-  batch, num_kv_heads, num_splits, rows, head_dim = acc.shape
-  q_len, num_q_heads = q_shape[1], q_shape[2]
-  used_rows = q_len * num_q_heads // num_kv_heads
-  arrays = [m, l, acc] + halves
-  if num_splits & (num_splits - 1):  # Pad to a power of two with splits that saw nothing.
-    pad = _next_power_of_two(num_splits) - num_splits
-    arrays = [jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3),
-                      constant_values=MASK_VALUE if x is m else 0.0) for x in arrays]
-  # One program per query row: its splits' partial results, all loaded at once.
-  per_row = lambda x: pl.BlockSpec((None, None, x.shape[2], None) + x.shape[4:],
-                                   lambda b, h, r: (b, h, 0, r) + (0,) * (x.ndim - 4))
-  in_specs = [per_row(x) for x in arrays]
-  if sinks is not None:  # Row g * q_len + t of kv head h is query head h * group + g.
-    arrays.append(jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, -1), q_len,
-                             axis=1)[..., None])
-    in_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, r: (h, r, 0)))
-  out, lse = pl.pallas_call(
-      functools.partial(_merge_kernel, with_int4=bool(halves), with_sinks=sinks is not None),
-      grid=(batch, num_kv_heads, used_rows),
-      in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, None, head_dim), lambda b, h, r: (b, h, r, 0)),
-                 pl.BlockSpec((None, None, None, 1), lambda b, h, r: (b, h, r, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, num_kv_heads, used_rows, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, num_kv_heads, used_rows, 1), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="selected_page_decode_merge",
-  )(*arrays)
-  return (splits.unpack_rows(out, q_len, num_q_heads),
-          splits.unpack_rows(lse[..., 0], q_len, num_q_heads))
-
-
 def _visible_bits(table, mapped, q_positions):
   """i32[batch, max_pages, words]: the table's token bits, cleared on unmapped entries and, for a
   single query token, past its position (so the kernel masks keys by these bits alone)."""
@@ -259,8 +197,8 @@ def _entries(cache, table, q_positions, min_entries: int):
   stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
   if len(stored) == 1:  # Nothing to group; unmapped entries are masked by their bits.
     in_table = jnp.minimum(table.num_pages, table.max_pages)[:, None]
-    bounds = jnp.where(jnp.arange(_BOUNDS) > int(stored[0]), in_table, 0).astype(jnp.int32)
-    bounds = jnp.where(jnp.arange(_BOUNDS) > NUM_PRECISIONS, 0, bounds)
+    groups = jnp.arange(_BOUNDS)
+    bounds = jnp.where((groups > int(stored[0])) & (groups <= NUM_PRECISIONS), in_table, 0)
   else:
     entries, bounds = _by_precision(jnp.where(mapped, pools, NUM_PRECISIONS), entries)
   pad = max(0, min_entries - table.max_pages)
@@ -306,8 +244,8 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
-  out, lse = merge_splits(partials, q.shape, sinks=sinks, interpret=interpret)
-  return (out, lse) if return_lse else out.astype(q.dtype)
+  out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)
+  return out if return_lse else out.astype(q.dtype)
 
 
 def query_rows(q, num_kv_heads: int):
