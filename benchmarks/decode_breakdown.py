@@ -83,7 +83,7 @@ def main(argv):
             f"selected_page_decode splits={num_splits}": (
                 lambda n, q, c, t: kernel.selected_page_decode(nudge_q(n, q), c, t),
                 (q, cache, table)),
-            "prepare (lookup, sort)": (lambda n, q, c, t: kernel.prepare(
+            "prepare (lookup, pack, group)": (lambda n, q, c, t: kernel.prepare(
                 nudge_q(n, q), c, t, positions, blocks.pages_per_block), (q, cache, table)),
             "kernel": (lambda n, i, c: run_kernel(
                 i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),

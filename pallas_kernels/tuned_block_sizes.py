@@ -29,10 +29,8 @@ GPU_DECODE_WARPS_STAGES = {False: (8, 2), True: (4, 3)}  # By "some pages are qu
 
 
 def gpu_decode_blocks(page_size: int, quantized: bool) -> GpuDecodeBlocks:
-  """The GPU decode kernel's tiling for pages of `page_size` tokens; `quantized`: the cache holds
-  pages in a format other than BF16."""
-  if page_size not in GPU_DECODE_PAGE_SIZES:
-    raise ValueError(f"page_size must be one of {GPU_DECODE_PAGE_SIZES}, got {page_size}")
+  """The GPU decode kernel's tiling for pages of `page_size` tokens (one of GPU_DECODE_PAGE_SIZES,
+  which the kernel checks); `quantized`: the cache holds pages in a format other than BF16."""
   warps, stages = GPU_DECODE_WARPS_STAGES[quantized]
   return GpuDecodeBlocks(pages_per_block=max(1, GPU_DECODE_KEYS_PER_BLOCK // page_size),
                          num_warps=warps, num_stages=stages)

@@ -13,6 +13,7 @@ from intent_jax.layout import BlockLayout, BlockPolicy
 from intent_jax.precision import Precision
 from intent_jax.router import RouterConfig, route
 from pallas_kernels.gpu import selected_page_decode as kernel
+from pallas_kernels.tuned_block_sizes import GpuDecodeBlocks
 from tests import spec
 
 B16, FP8, INT8, INT4 = Precision.BF16, Precision.FP8, Precision.INT8, Precision.INT4
@@ -68,8 +69,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     q = jax.random.normal(jax.random.key(3), (BATCH, q_len, 4, 32))
     out = kernel.selected_page_decode(q, cache, table, q_positions=q_positions, interpret=True,
                                       num_splits=2, poison=True,
-                                      blocks=kernel.tuned_block_sizes.GpuDecodeBlocks(
-                                          pages_per_block, 4, 2))
+                                      blocks=GpuDecodeBlocks(pages_per_block, 4, 2))
     expected = reference.paged_attention(q, cache, table, q_positions=q_positions)
     everything = reference.paged_attention(q, cache, table)
     self.assertGreater(float(jnp.max(jnp.abs(expected - everything))), 1e-2)  # Positions count.
