@@ -8,6 +8,9 @@ For each (batch, tokens) shape and page size it measures, on the same random dat
     implementation with the pages stored in BF16, INT8, FP8, INT4 or a mix,
   * with --traces, tables routed from the synthetic agentic traces of that length,
   * with --query_selection, what choosing pages by the query costs (`select_pages`).
+Times are device time per call by default (`timing.device_seconds`: no host dispatch, the L2
+cache flushed before each call, as in a model whose layers read other pages); --timing=wall
+times back-to-back calls from the host instead, as the earliest tables in BENCHMARKS.md were.
 Bytes are K and V of the pages each variant must read, once, scales included; GB/s is bytes over
 time; "% copy" is that over the copy ceiling measured in the same run. With --check, each of this
 library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
@@ -69,8 +72,12 @@ _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registere
 _NUM_Q_HEADS = flags.DEFINE_integer("num_q_heads", 32, "Query heads.")
 _NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 8, "KV heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Channels per head.")
+_TIMING = flags.DEFINE_enum("timing", "device", ["device", "wall"],
+                            "device: timing.device_seconds (no host dispatch, L2 flushed before "
+                            "each call); wall: timing.median_seconds (back-to-back calls).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
-_CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round.")
+_CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round (wall timing).")
+_REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence per timed function (device timing).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
 
 
@@ -112,9 +119,9 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
          **extra(seconds))
   plan = router.plan_query(layout, lengths, config)
-  select_only = jax.jit(lambda plan, scores: router.select_pages(plan, page_scores=scores,
+  select_only = jax.jit(lambda scores, plan: router.select_pages(plan, page_scores=scores,
                                                                  budget=budget))
-  seconds = measure(select_only, plan, expected)
+  seconds = measure(select_only, expected, plan)
   record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
          seconds, 0, 0, **extra(seconds))
   seconds = measure(jax.jit(routed), q, cache)
@@ -214,14 +221,21 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
 def main(argv):
   del argv
   hq, hkv, d = _NUM_Q_HEADS.value, _NUM_KV_HEADS.value, _HEAD_DIM.value
-  measure = functools.partial(timing.median_seconds, rounds=_ROUNDS.value, calls=_CALLS.value)
+  def measure(fn, *args):
+    """Seconds per call of fn(*args); args[0] holds the query (device timing nudges it)."""
+    if _TIMING.value == "wall":
+      return timing.median_seconds(fn, *args, rounds=_ROUNDS.value, calls=_CALLS.value)
+    return timing.device_seconds(fn, *args, reps=_REPS.value, rounds=_ROUNDS.value)
+
   rows = []
 
   def record(name, batch, num_tokens, page_size, selection, storage, seconds, nbytes, keys,
              **extra):
+    per_second = 1 / seconds if seconds > 0 else float("nan")  # 0: under the timing's noise.
     row = dict(name=name, batch=batch, tokens=num_tokens, page_size=page_size,
                selection=selection, storage=storage, us=seconds * 1e6, bytes=nbytes,
-               gbps=nbytes / seconds / 1e9, tflops=4 * hq * d * keys / seconds / 1e12, **extra)
+               gbps=nbytes * per_second / 1e9, tflops=4 * hq * d * keys * per_second / 1e12,
+               **extra)
     row["pct_copy"] = 100 * row["gbps"] / copy_gbps
     rows.append(row)
     print(f"{name:<34} B={batch:<3} T={num_tokens:<7} ps={page_size:<3} sel={selection:<7}"
@@ -230,7 +244,9 @@ def main(argv):
                     for k, v in extra.items()), flush=True)
 
   big = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)  # 1 GiB.
-  copy_s = measure(jax.jit(lambda x: x + 1), big)
+  # Wall clock: 1 GiB takes far longer than its dispatch, and device timing's output sum would
+  # fuse with the copy (reading without writing).
+  copy_s = timing.median_seconds(jax.jit(lambda x: x + 1), big, rounds=_ROUNDS.value)
   copy_gbps = 2 * big.nbytes / copy_s / 1e9
   del big
   print(f"copy ceiling: {copy_gbps:.0f} GB/s (1 GiB bf16, read + write), {jax.devices()[0]}")

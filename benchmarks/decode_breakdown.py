@@ -1,7 +1,6 @@
-r"""Device time of each stage of the GPU decode path, free of host dispatch.
-
-Each stage runs `--reps` times inside one jitted loop, each repetition made to depend on the last
-(so none is hoisted or merged); the time of an empty loop of as many repetitions is subtracted.
+r"""Device time of each stage of the GPU decode path, free of host dispatch
+(`timing.device_seconds`: `--reps` calls in sequence inside one jitted function, the L2 cache
+flushed before each).
 
   python -m benchmarks.decode_breakdown --shapes=8x131072,1x131072 --storages=bf16,int4
 
@@ -28,32 +27,17 @@ from pallas_kernels.gpu import selected_page_decode as kernel
 _SHAPES = flags.DEFINE_list("shapes", ["8x131072", "1x131072"], "batch x tokens.")
 _SELECTIONS = flags.DEFINE_list("selections", ["0.25", "0.0625"], "Fractions of pages read.")
 _STORAGES = flags.DEFINE_list("storages", ["bf16", "int4"], "Formats of the pages.")
-_REPS = flags.DEFINE_integer("reps", 20, "Repetitions inside one jitted loop.")
+_REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence inside one jitted function.")
 _SPLIT_FACTORS = flags.DEFINE_list("split_factors", [], "Also time the whole call with the "
                                    "default split count times these (e.g. 0.5,2).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
 
 
-def looped(stage, reps):
-  """A jitted function running stage(nudge, *args) `reps` times, each depending on the last."""
-
-  @jax.jit
-  def run(*args):
-    def body(_, carry):
-      out = stage(carry * 0.0, *args)  # carry * 0 is not folded for floats: a true dependence.
-      return carry + jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32)
-    return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
-
-  return run
-
-
 def main(argv):
   del argv
-  reps, rows, rng = _REPS.value, [], np.random.default_rng(0)
-  per_rep = lambda fn, *args: timing.median_seconds(looped(fn, reps), *args, rounds=3,
-                                                    calls=3) / reps * 1e6
-  empty_us = per_rep(lambda nudge: nudge)
-  print(f"empty loop: {empty_us:.1f} us per repetition (subtracted below)")
+  rows, rng = [], np.random.default_rng(0)
+  per_call_us = lambda fn, *args: 1e6 * timing.device_seconds(fn, *args, reps=_REPS.value,
+                                                              rounds=3)
   for shape in _SHAPES.value:
     batch, num_tokens = map(int, shape.split("x"))
     kq, kk, kv = jax.random.split(jax.random.key(2), 3)
@@ -72,37 +56,33 @@ def main(argv):
         run_kernel = functools.partial(kernel.run_kernel, num_splits=num_splits, blocks=blocks,
                                        poison=False, interpret=False,
                                        compute_dtype=jnp.bfloat16, scale=128**-0.5, softcap=None)
-        nudge_q = lambda nudge, q: q + nudge.astype(q.dtype)
         q_shape = q.shape
         positions = table.query_positions(1)
         inputs = kernel.prepare(q, cache, table, positions, blocks.pages_per_block)
         partials = run_kernel(inputs, cache)
         stages = {
-            "decode_attention (all)": (lambda n, q, c, t: attention.decode_attention(
-                nudge_q(n, q), c, t, implementation="pallas_gpu"), (q, cache, table)),
+            "decode_attention (all)": (functools.partial(
+                attention.decode_attention, implementation="pallas_gpu"), (q, cache, table)),
             f"selected_page_decode splits={num_splits}": (
-                lambda n, q, c, t: kernel.selected_page_decode(nudge_q(n, q), c, t),
-                (q, cache, table)),
-            "prepare (lookup, pack, group)": (lambda n, q, c, t: kernel.prepare(
-                nudge_q(n, q), c, t, positions, blocks.pages_per_block), (q, cache, table)),
-            "kernel": (lambda n, i, c: run_kernel(
-                i[:-1] + (nudge_q(n, i[-1]),), c), (inputs, cache)),
-            "combine": (lambda n, p: splits.combine(
-                (p[0] + n,) + tuple(p[1:]), q_shape), (partials,)),
+                kernel.selected_page_decode, (q, cache, table)),
+            "prepare (lookup, pack, group)": (lambda q, c, t: kernel.prepare(
+                q, c, t, positions, blocks.pages_per_block), (q, cache, table)),
+            "kernel": (run_kernel, (inputs, cache)),
+            "combine": (lambda p: splits.combine(p, q_shape), (partials,)),
         }
         for factor in map(float, _SPLIT_FACTORS.value):
           other = max(1, int(num_splits * factor))
           stages[f"selected_page_decode splits={other}"] = (
-              lambda n, q, c, t, other=other: kernel.selected_page_decode(
-                  nudge_q(n, q), c, t, num_splits=other), (q, cache, table))
+              functools.partial(kernel.selected_page_decode, num_splits=other),
+              (q, cache, table))
         if storage == "bf16":
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]
           stages["jax pallas paged_attention"] = (
-              lambda n, q, kp, vp, s: decode_inputs.jax_paged_attention(
-                  nudge_q(n, q), kp, vp, s, k_splits=16), (q, pool.k, pool.v, slots))
+              functools.partial(decode_inputs.jax_paged_attention, k_splits=16),
+              (q, pool.k, pool.v, slots))
         for name, (stage, args) in stages.items():
-          us = per_rep(stage, *args) - empty_us
+          us = per_call_us(stage, *args)
           rows.append(dict(shape=shape, selection=selection, storage=storage, stage=name, us=us))
           print(f"{shape:<9} sel={selection:<7} {storage:<5} {name:<28} {us:8.1f} us", flush=True)
         del cache

@@ -1,14 +1,26 @@
-"""Wall-clock timing of jitted functions, as the peer measurements in BENCHMARKS.md are taken.
+"""Timing of jitted functions for the benchmark binaries.
 
-Warm-up calls first (compilation, allocation); then `rounds` rounds of `calls` back-to-back calls
-with one block_until_ready at the end of each round, so host dispatch overlaps device work. The
-result is the median over rounds of the time per call.
+`median_seconds`: wall clock. Warm-up calls first (compilation, allocation); then `rounds` rounds
+of `calls` back-to-back calls with one block_until_ready at the end of each round, so host
+dispatch overlaps device work. The result is the median over rounds of the time per call. When a
+call's device work is shorter than its host dispatch, this measures the host.
+
+`device_seconds`: device time of one call, free of host dispatch. `reps` calls run back to back
+inside one jitted function, each made to depend on the last (so none is merged or reordered),
+optionally each after a read of a buffer larger than the L2 cache (so no call finds its inputs
+there, as in a model where each layer reads other pages); the same function with the calls
+replaced by a stand-in of the output's size is timed too and subtracted.
 """
 
+import functools
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+L2_FLUSH_BYTES = 2**28  # Twice the largest L2 cache of the GPUs used (H100 50 MB, H200 60 MB).
 
 
 def median_seconds(fn, *args, warmup: int = 3, rounds: int = 5, calls: int = 30) -> float:
@@ -23,3 +35,59 @@ def median_seconds(fn, *args, warmup: int = 3, rounds: int = 5, calls: int = 30)
     jax.block_until_ready(fn(*args))
     per_call.append((time.perf_counter() - start) / calls)
   return statistics.median(per_call)
+
+
+def nudged(tree, nudge):
+  """tree with `nudge` (an f32 scalar, 0 at run time) added to every floating leaf."""
+  add = lambda x: x + nudge.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(add, tree)
+
+
+def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
+  """A jitted function of (buffer, *args) calling fn(*args) `reps` times in sequence.
+
+  After each call its first output is summed, and call i+1's first argument gets, on each
+  floating leaf, 0 * that sum: a true dependence (x * 0 is not folded for floats) on the whole
+  output (a single element would let XLA compute only that element of a fused producer). With
+  `flush`, each call first waits for a sum over the buffer, which evicts the L2 cache.
+  fn=None: the chain without the calls, each output sum taken over `stand_in_size` elements of
+  the buffer instead.
+  """
+
+  @jax.jit
+  def run(buffer, *args):
+    carry = jnp.float32(0)
+    for _ in range(reps):  # Unrolled: no loop for XLA to hoist from, no host sync per step.
+      if flush:
+        carry = carry + jnp.sum(buffer + carry) * 0.0
+      if fn is None:
+        out = buffer[:stand_in_size] + carry
+      else:
+        out = jax.tree.leaves(fn(nudged(args[0], carry), *args[1:]))[0]
+      carry = carry + jnp.sum(out, dtype=jnp.float32) * 0.0
+    return carry
+
+  return run
+
+
+@functools.cache
+def _buffer(size: int, devices: tuple):
+  """f32[size] of random values, a copy on each device."""
+  mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+  return jax.device_put(jax.random.normal(jax.random.key(0), (size,), jnp.float32),
+                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def device_seconds(fn, *args, reps: int = 10, flush: bool = True, rounds: int = 5) -> float:
+  """Device seconds per call of fn(*args), the chain's own cost subtracted (see `chained`).
+
+  args[0] must hold a floating leaf that every output depends on (e.g. the query); the L2 flush
+  runs on each device that args[0] lives on. Not for a plain elementwise fn (a copy): the sum of
+  its output fuses with it, so its output is never written.
+  """
+  out_size = jax.tree.leaves(jax.eval_shape(fn, *args))[0].size
+  devices = tuple(sorted(jax.tree.leaves(args[0])[0].sharding.device_set, key=lambda d: d.id))
+  buffer = _buffer(max(L2_FLUSH_BYTES // 4 if flush else 0, out_size), devices)
+  timed = lambda chain: median_seconds(chain, buffer, *args, warmup=2, rounds=rounds, calls=3)
+  calls = timed(chained(fn, reps, flush))
+  return max(calls - timed(chained(None, reps, flush, out_size)), 0.0) / reps

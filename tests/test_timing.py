@@ -1,0 +1,58 @@
+"""Tests for benchmarks.timing: the device-time chain runs every call, in sequence."""
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+
+
+def _flops(compiled):
+  analysis = compiled.cost_analysis()
+  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+class ChainedTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x = jax.random.normal(jax.random.key(1), (64, 64), jnp.float32)
+    self.w = jax.random.normal(jax.random.key(2), (64, 64), jnp.float32)
+    self.buffer = jax.random.normal(jax.random.key(3), (1024,), jnp.float32)
+
+  def test_every_call_is_kept(self):
+    matmul = lambda x, w: x @ w
+    one_call = _flops(jax.jit(matmul).lower(self.x, self.w).compile())
+    for flush in (False, True):
+      chain = timing.chained(matmul, 4, flush).lower(self.buffer, self.x, self.w).compile()
+      # Four products: none merged with another (each input differs by its nudge).
+      self.assertGreaterEqual(_flops(chain), 4 * one_call)
+      self.assertLess(_flops(chain), 5 * one_call)
+
+  def test_stand_in_chain_has_no_calls(self):
+    matmul = lambda x, w: x @ w
+    one_call = _flops(jax.jit(matmul).lower(self.x, self.w).compile())
+    chain = timing.chained(None, 4, True, 64 * 64).lower(self.buffer, self.x, self.w).compile()
+    self.assertLess(_flops(chain), one_call / 4)
+
+  def test_chain_returns_zero(self):
+    chain = timing.chained(lambda x, w: x @ w, 3, True)
+    self.assertEqual(float(chain(self.buffer, self.x, self.w)), 0.0)
+
+  def test_nudged_moves_floating_leaves_only(self):
+    tree = dict(q=jnp.ones((2,), jnp.bfloat16), slots=jnp.arange(3))
+    out = timing.nudged(tree, jnp.float32(0.5))
+    np.testing.assert_array_equal(out["q"], np.full((2,), 1.5))
+    self.assertEqual(out["q"].dtype, jnp.bfloat16)
+    np.testing.assert_array_equal(out["slots"], np.arange(3))
+
+  def test_device_seconds_is_a_nonnegative_time(self):
+    seconds = timing.device_seconds(jax.jit(lambda x, w: jnp.tanh(x @ w)), self.x, self.w,
+                                    reps=2, flush=False, rounds=1)
+    self.assertGreaterEqual(seconds, 0.0)
+    self.assertLess(seconds, 10.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
