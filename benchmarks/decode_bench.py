@@ -119,9 +119,9 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
          **extra(seconds))
   plan = router.plan_query(layout, lengths, config)
-  select_only = jax.jit(lambda scores, plan: router.select_pages(plan, page_scores=scores,
+  select_only = jax.jit(lambda plan, scores: router.select_pages(plan, page_scores=scores,
                                                                  budget=budget))
-  seconds = measure(select_only, expected, plan)
+  seconds = measure(select_only, plan, expected)
   record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
          seconds, 0, 0, **extra(seconds))
   seconds = measure(jax.jit(routed), q, cache)
@@ -222,7 +222,7 @@ def main(argv):
   del argv
   hq, hkv, d = _NUM_Q_HEADS.value, _NUM_KV_HEADS.value, _HEAD_DIM.value
   def measure(fn, *args):
-    """Seconds per call of fn(*args); args[0] holds the query (device timing nudges it)."""
+    """Seconds per call of fn(*args)."""
     if _TIMING.value == "wall":
       return timing.median_seconds(fn, *args, rounds=_ROUNDS.value, calls=_CALLS.value)
     return timing.device_seconds(fn, *args, reps=_REPS.value, rounds=_ROUNDS.value)

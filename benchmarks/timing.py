@@ -37,18 +37,31 @@ def median_seconds(fn, *args, warmup: int = 3, rounds: int = 5, calls: int = 30)
   return statistics.median(per_call)
 
 
+NUDGED_MAX_SIZE = 2**22  # Leaves up to this many elements (queries, tables) get the nudge.
+
+
 def nudged(tree, nudge):
-  """tree with `nudge` (an f32 scalar, 0 at run time) added to every floating leaf."""
-  add = lambda x: x + nudge.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  """tree with `nudge` (an f32 scalar, 0 at run time) added to every array leaf of at most
+  NUDGED_MAX_SIZE elements (as an integer to integer leaves; or-ed as nudge != 0 into booleans).
+  Large leaves (cache pools) are left alone: nothing is computed from them but reads."""
+
+  def add(x):
+    if not isinstance(x, jax.Array) or x.size > NUDGED_MAX_SIZE:
+      return x
+    if x.dtype == jnp.bool_:
+      return x | (nudge != 0)
+    return x + nudge.astype(x.dtype)
+
   return jax.tree.map(add, tree)
 
 
 def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
   """A jitted function of (buffer, *args) calling fn(*args) `reps` times in sequence.
 
-  After each call its first output is summed, and call i+1's first argument gets, on each
-  floating leaf, 0 * that sum: a true dependence (x * 0 is not folded for floats) on the whole
-  output (a single element would let XLA compute only that element of a fused producer). With
+  After each call its first output is summed, and call i+1's arguments are `nudged` by 0 * that
+  sum: a true dependence (x * 0 is not folded for floats) on the whole output (a single element
+  would let XLA compute only that element of a fused producer), and no work on the small
+  arguments (a table's preprocessing) is shared between calls. With
   `flush`, each call first waits for a sum over the buffer, which evicts the L2 cache.
   fn=None: the chain without the calls, each output sum taken over `stand_in_size` elements of
   the buffer instead.
@@ -63,7 +76,7 @@ def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
       if fn is None:
         out = buffer[:stand_in_size] + carry
       else:
-        out = jax.tree.leaves(fn(nudged(args[0], carry), *args[1:]))[0]
+        out = jax.tree.leaves(fn(*nudged(args, carry)))[0]
       carry = carry + jnp.sum(out, dtype=jnp.float32) * 0.0
     return carry
 
@@ -81,9 +94,9 @@ def _buffer(size: int, devices: tuple):
 def device_seconds(fn, *args, reps: int = 10, flush: bool = True, rounds: int = 5) -> float:
   """Device seconds per call of fn(*args), the chain's own cost subtracted (see `chained`).
 
-  args[0] must hold a floating leaf that every output depends on (e.g. the query); the L2 flush
-  runs on each device that args[0] lives on. Not for a plain elementwise fn (a copy): the sum of
-  its output fuses with it, so its output is never written.
+  Every output must depend on some argument of at most NUDGED_MAX_SIZE elements (e.g. the
+  query); the L2 flush runs on each device that args[0] lives on. Not for a plain elementwise
+  fn (a copy): the sum of its output fuses with it, so its output is never written.
   """
   out_size = jax.tree.leaves(jax.eval_shape(fn, *args))[0].size
   devices = tuple(sorted(jax.tree.leaves(args[0])[0].sharding.device_set, key=lambda d: d.id))

@@ -30,6 +30,13 @@ class ChainedTest(absltest.TestCase):
       self.assertGreaterEqual(_flops(chain), 4 * one_call)
       self.assertLess(_flops(chain), 5 * one_call)
 
+  def test_work_on_small_arguments_is_not_shared(self):
+    # The product depends on w alone; x is only summed. Nudging w keeps four products.
+    fn = lambda x, w: (x.sum() + (w @ w)[0, 0], x)
+    one_call = _flops(jax.jit(lambda w: w @ w).lower(self.w).compile())
+    chain = timing.chained(fn, 4, False).lower(self.buffer, self.x, self.w).compile()
+    self.assertGreaterEqual(_flops(chain), 4 * one_call)
+
   def test_stand_in_chain_has_no_calls(self):
     matmul = lambda x, w: x @ w
     one_call = _flops(jax.jit(matmul).lower(self.x, self.w).compile())
@@ -40,12 +47,16 @@ class ChainedTest(absltest.TestCase):
     chain = timing.chained(lambda x, w: x @ w, 3, True)
     self.assertEqual(float(chain(self.buffer, self.x, self.w)), 0.0)
 
-  def test_nudged_moves_floating_leaves_only(self):
-    tree = dict(q=jnp.ones((2,), jnp.bfloat16), slots=jnp.arange(3))
-    out = timing.nudged(tree, jnp.float32(0.5))
-    np.testing.assert_array_equal(out["q"], np.full((2,), 1.5))
+  def test_nudged_moves_small_leaves_only(self):
+    big = jnp.ones((timing.NUDGED_MAX_SIZE + 1,), jnp.int8)
+    tree = dict(q=jnp.ones((2,), jnp.bfloat16), slots=jnp.arange(3), live=jnp.zeros(2, bool),
+                pool=big)
+    out = timing.nudged(tree, jnp.float32(1.0))
+    np.testing.assert_array_equal(out["q"], np.full((2,), 2.0))
     self.assertEqual(out["q"].dtype, jnp.bfloat16)
-    np.testing.assert_array_equal(out["slots"], np.arange(3))
+    np.testing.assert_array_equal(out["slots"], np.arange(3) + 1)
+    np.testing.assert_array_equal(out["live"], np.ones(2, bool))
+    self.assertIs(out["pool"], big)
 
   def test_device_seconds_is_a_nonnegative_time(self):
     seconds = timing.device_seconds(jax.jit(lambda x, w: jnp.tanh(x @ w)), self.x, self.w,
