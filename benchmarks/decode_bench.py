@@ -75,7 +75,7 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Channels per head.")
 _TIMING = flags.DEFINE_enum("timing", "device", ["device", "wall"],
                             "device: timing.device_seconds (no host dispatch, L2 flushed before "
                             "each call); wall: timing.median_seconds (back-to-back calls).")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (median).")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds (median).")
 _CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round (wall timing).")
 _REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence per timed function (device timing).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")

@@ -36,8 +36,7 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this J
 def main(argv):
   del argv
   rows, rng = [], np.random.default_rng(0)
-  per_call_us = lambda fn, *args: 1e6 * timing.device_seconds(fn, *args, reps=_REPS.value,
-                                                              rounds=3)
+  per_call_us = lambda fn, *args: 1e6 * timing.device_seconds(fn, *args, reps=_REPS.value)
   for shape in _SHAPES.value:
     batch, num_tokens = map(int, shape.split("x"))
     kq, kk, kv = jax.random.split(jax.random.key(2), 3)

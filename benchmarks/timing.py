@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-L2_FLUSH_BYTES = 2**28  # Twice the largest L2 cache of the GPUs used (H100 50 MB, H200 60 MB).
+L2_FLUSH_BYTES = 2**27  # Over twice the L2 cache of the GPUs used (H100 50 MB, H200 60 MB).
 
 
 def median_seconds(fn, *args, warmup: int = 3, rounds: int = 5, calls: int = 30) -> float:
@@ -58,13 +58,13 @@ def nudged(tree, nudge):
 def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
   """A jitted function of (buffer, *args) calling fn(*args) `reps` times in sequence.
 
-  After each call its first output is summed, and call i+1's arguments are `nudged` by 0 * that
-  sum: a true dependence (x * 0 is not folded for floats) on the whole output (a single element
-  would let XLA compute only that element of a fused producer), and no work on the small
+  After each call its outputs are summed, and call i+1's arguments are `nudged` by 0 * that
+  sum: a true dependence (x * 0 is not folded for floats) on every output, whole (a single
+  element would let XLA compute only that element of a fused producer), and no work on the small
   arguments (a table's preprocessing) is shared between calls. With
   `flush`, each call first waits for a sum over the buffer, which evicts the L2 cache.
   fn=None: the chain without the calls, each output sum taken over `stand_in_size` elements of
-  the buffer instead.
+  the buffer instead (the size of all of fn's outputs).
   """
 
   @jax.jit
@@ -73,11 +73,9 @@ def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
     for _ in range(reps):  # Unrolled: no loop for XLA to hoist from, no host sync per step.
       if flush:
         carry = carry + jnp.sum(buffer + carry) * 0.0
-      if fn is None:
-        out = buffer[:stand_in_size] + carry
-      else:
-        out = jax.tree.leaves(fn(*nudged(args, carry)))[0]
-      carry = carry + jnp.sum(out, dtype=jnp.float32) * 0.0
+      outs = [buffer[:stand_in_size] + carry] if fn is None else jax.tree.leaves(
+          fn(*nudged(args, carry)))
+      carry = carry + sum(jnp.sum(out, dtype=jnp.float32) for out in outs) * 0.0
     return carry
 
   return run
@@ -91,16 +89,20 @@ def _buffer(size: int, devices: tuple):
                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def device_seconds(fn, *args, reps: int = 10, flush: bool = True, rounds: int = 5) -> float:
-  """Device seconds per call of fn(*args), the chain's own cost subtracted (see `chained`).
+def device_seconds(fn, *args, reps: int = 10, flush: bool = True, rounds: int = 7) -> float:
+  """Device seconds per call of fn(*args): the median over rounds of the chain's time (see
+  `chained`) less the stand-in chain's, timed one after the other in each round.
 
   Every output must depend on some argument of at most NUDGED_MAX_SIZE elements (e.g. the
   query); the L2 flush runs on each device that args[0] lives on. Not for a plain elementwise
   fn (a copy): the sum of its output fuses with it, so its output is never written.
   """
-  out_size = jax.tree.leaves(jax.eval_shape(fn, *args))[0].size
+  out_size = sum(x.size for x in jax.tree.leaves(jax.eval_shape(fn, *args)))
   devices = tuple(sorted(jax.tree.leaves(args[0])[0].sharding.device_set, key=lambda d: d.id))
   buffer = _buffer(max(L2_FLUSH_BYTES // 4 if flush else 0, out_size), devices)
-  timed = lambda chain: median_seconds(chain, buffer, *args, warmup=2, rounds=rounds, calls=3)
-  calls = timed(chained(fn, reps, flush))
-  return max(calls - timed(chained(None, reps, flush, out_size)), 0.0) / reps
+  calls, stand_in = chained(fn, reps, flush), chained(None, reps, flush, out_size)
+  timed = lambda chain: median_seconds(chain, buffer, *args, warmup=0, rounds=1, calls=3)
+  for chain in (calls, stand_in) * 2:  # Warm-up: compilation, allocation.
+    jax.block_until_ready(chain(buffer, *args))
+  differences = [timed(calls) - timed(stand_in) for _ in range(rounds)]
+  return max(statistics.median(differences), 0.0) / reps
