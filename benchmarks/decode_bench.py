@@ -95,8 +95,10 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   lengths = jnp.full((batch,), num_tokens, jnp.int32)
   config = router.RouterConfig(page_size=page_size, recent_tokens=1024)
   budget = jnp.int32(round(fraction * num_tokens / page_size))
-  routed = lambda q, cache: router.route(layout, lengths, config, query=q, cache=cache,
-                                         budget=budget)
+  # The layout, lengths and budget are arguments, not constants: XLA would fold the plan.
+  routed = lambda q, cache, layout, lengths, budget: router.route(
+      layout, lengths, config, query=q, cache=cache, budget=budget)
+  step_inputs = (layout, lengths, budget)
   bounds_bytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
                   cache_lib.SUMMARY_BYTES_PER_CHANNEL)
   extra = lambda seconds: ({} if kernel_seconds is None else
@@ -113,18 +115,18 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
     seconds = measure(scores, q, cache)
     record(f"query page scores ({name})", batch, num_tokens, page_size, str(fraction), "bounds",
            seconds, bounds_bytes, 0, max_abs_diff=max_diff, **extra(seconds))
-  route_only = jax.jit(lambda scores: router.route(layout, lengths, config, page_scores=scores,
-                                                   budget=budget))
-  seconds = measure(route_only, expected)
+  route_only = jax.jit(lambda scores, layout, lengths, budget: router.route(
+      layout, lengths, config, page_scores=scores, budget=budget))
+  seconds = measure(route_only, expected, *step_inputs)
   record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
          **extra(seconds))
   plan = router.plan_query(layout, lengths, config)
-  select_only = jax.jit(lambda plan, scores: router.select_pages(plan, page_scores=scores,
-                                                                 budget=budget))
-  seconds = measure(select_only, plan, expected)
+  select_only = jax.jit(lambda plan, scores, budget: router.select_pages(
+      plan, page_scores=scores, budget=budget))
+  seconds = measure(select_only, plan, expected, budget)
   record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
          seconds, 0, 0, **extra(seconds))
-  seconds = measure(jax.jit(routed), q, cache)
+  seconds = measure(jax.jit(routed), q, cache, *step_inputs)
   record("query page scores + route", batch, num_tokens, page_size, str(fraction), "bounds",
          seconds, bounds_bytes, 0, **extra(seconds))
 
@@ -132,11 +134,12 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   decode_layer = functools.partial(attention.decode_attention,
                                    implementation=_IMPLEMENTATION.value)
   queries = jax.random.normal(jax.random.key(2), (_MESH_LAYERS.value,) + q.shape, q.dtype)
-  tables = jax.jit(jax.vmap(routed, in_axes=(0, None)))(queries, cache)
+  tables = jax.jit(jax.vmap(routed, in_axes=(0, None, None, None, None)))(queries, cache,
+                                                                          *step_inputs)
   decode_only = jax.jit(lambda qs, cache, tables: jax.lax.map(
       lambda x: decode_layer(x[0], cache, x[1]), (qs, tables)))
 
-  def in_step(qs, cache):
+  def in_step(qs, cache, layout, lengths, budget):
     plan = router.plan_query(layout, lengths, config)
     select = lambda q: router.select_pages(plan, query=q, cache=cache, budget=budget)
     return jax.lax.map(lambda q: decode_layer(q, cache, select(q)), qs)
@@ -146,11 +149,12 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   scores_and_decode = jax.jit(lambda qs, cache, tables: jax.lax.map(
       lambda x: (decode_layer(x[0], cache, x[1]), scoring.page_scores(x[0], cache)),
       (qs, tables)))
-  same = report.relative_error(in_step(queries, cache), decode_only(queries, cache, tables))
+  same = report.relative_error(in_step(queries, cache, *step_inputs),
+                               decode_only(queries, cache, tables))
   layers = _MESH_LAYERS.value
   decode_us = 1e6 * measure(decode_only, queries, cache, tables) / layers
   scored_us = 1e6 * measure(scores_and_decode, queries, cache, tables) / layers
-  step_us = 1e6 * measure(in_step, queries, cache) / layers
+  step_us = 1e6 * measure(in_step, queries, cache, *step_inputs) / layers
   read = float(jnp.mean(tables.num_pages)) / c.max_pages_per_seq
   record("per layer: scores + select + decode", batch, num_tokens, page_size, f"{read:.3f}",
          "bf16", step_us / 1e6, 0, 0, rel_err_vs_routed_before=same, decode_only_us=decode_us,
