@@ -8,8 +8,9 @@ call's device work is shorter than its host dispatch, this measures the host.
 `device_seconds`: device time of one call, free of host dispatch. `reps` calls run back to back
 inside one jitted function, each made to depend on the last (so none is merged or reordered),
 optionally each after a read of a buffer larger than the L2 cache (so no call finds its inputs
-there, as in a model where each layer reads other pages); the same function with the calls
-replaced by a stand-in of the output's size is timed too and subtracted.
+there, as in a model where each layer reads other pages). The same function with the calls
+replaced by a stand-in of the outputs' size is timed in turn with it; the median over rounds of
+the difference is the time of `reps` calls.
 """
 
 import functools
@@ -61,8 +62,8 @@ def chained(fn, reps: int, flush: bool, stand_in_size: int = 0):
   After each call its outputs are summed, and call i+1's arguments are `nudged` by 0 * that
   sum: a true dependence (x * 0 is not folded for floats) on every output, whole (a single
   element would let XLA compute only that element of a fused producer), and no work on the small
-  arguments (a table's preprocessing) is shared between calls. With
-  `flush`, each call first waits for a sum over the buffer, which evicts the L2 cache.
+  arguments (a table's preprocessing) is shared between calls. With `flush`, each call first
+  waits for a sum over the buffer, which evicts the L2 cache.
   fn=None: the chain without the calls, each output sum taken over `stand_in_size` elements of
   the buffer instead (the size of all of fn's outputs).
   """
