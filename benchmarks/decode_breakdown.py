@@ -5,6 +5,8 @@ flushed before each).
   python -m benchmarks.decode_breakdown --shapes=8x131072,1x131072 --storages=bf16,int4
 
 --split_factors also times the whole call with the default split count times each factor.
+--query_selection also times, for the first selection's BF16 cache, what choosing pages by the
+query does per layer (`selection_stages`), and the XLA operations it is made of alone.
 """
 
 import functools
@@ -19,6 +21,9 @@ from benchmarks import decode_inputs
 from benchmarks import report
 from benchmarks import timing
 from intent_jax import attention
+from intent_jax import router
+from intent_jax import scoring
+from intent_jax import traces
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
@@ -30,12 +35,45 @@ _STORAGES = flags.DEFINE_list("storages", ["bf16", "int4"], "Formats of the page
 _REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence inside one jitted function.")
 _SPLIT_FACTORS = flags.DEFINE_list("split_factors", [], "Also time the whole call with the "
                                    "default split count times these (e.g. 0.5,2).")
+_QUERY_SELECTION = flags.DEFINE_bool("query_selection", False,
+                                     "Also time the stages of query-aware page selection.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+
+
+def selection_stages(q, cache, fraction: float) -> dict:
+  """{name: (fn, args)}: query-aware selection over `cache` on the agentic trace layout with a
+  budget of `fraction` of the pages (as decode_bench's), and the operations of the same shapes
+  that `select_pages` is built from, each alone: a sort of the page scores, a running count over
+  the pages, the compaction of the selected pages into the table (a scatter)."""
+  c = cache.config
+  batch, num_pages = c.max_seqs, c.max_pages_per_seq
+  layout = traces.agentic_batch([c.max_seq_len] * batch, seed=1).unnamed()
+  lengths = jnp.full((batch,), c.max_seq_len, jnp.int32)
+  config = router.RouterConfig(page_size=c.page_size, recent_tokens=1024)
+  budget = jnp.int32(round(fraction * num_pages))
+  scores = scoring.page_scores(q, cache)
+  plan = router.plan_query(layout, lengths, config)
+  selected = scores > jnp.quantile(scores, 1 - fraction)
+  slots = jnp.where(selected, jnp.cumsum(selected, axis=1) - 1, num_pages)
+  rows = jnp.arange(batch)[:, None]
+  return {
+      "page scores (bounds)": (scoring.page_scores, (q, cache)),
+      "plan_query (once a step)": (
+          lambda layout, lengths: router.plan_query(layout, lengths, config), (layout, lengths)),
+      "select_pages (a layer)": (lambda scores, plan, budget: router.select_pages(
+          plan, page_scores=scores, budget=budget), (scores, plan, budget)),
+      "  sort of the page scores": (lambda scores: jnp.sort(scores, axis=1), (scores,)),
+      "  running count over pages": (
+          lambda scores: jnp.cumsum(scores > 0, axis=1, dtype=jnp.int32), (scores,)),
+      "  compaction scatter": (lambda slots: jnp.zeros((batch, num_pages), jnp.int32).at[
+          rows, slots].set(jnp.arange(num_pages, dtype=jnp.int32), mode="drop"), (slots,)),
+  }
 
 
 def main(argv):
   del argv
   rows, rng = [], np.random.default_rng(0)
+  first_selection = float(_SELECTIONS.value[0])
   per_call_us = lambda fn, *args: 1e6 * timing.device_seconds(fn, *args, reps=_REPS.value)
   for shape in _SHAPES.value:
     batch, num_tokens = map(int, shape.split("x"))
@@ -74,6 +112,8 @@ def main(argv):
           stages[f"selected_page_decode splits={other}"] = (
               functools.partial(kernel.selected_page_decode, num_splits=other),
               (q, cache, table))
+        if _QUERY_SELECTION.value and storage == "bf16" and selection == first_selection:
+          stages.update(selection_stages(q, cache, selection))
         if storage == "bf16":
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]
