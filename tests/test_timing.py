@@ -58,12 +58,6 @@ class ChainedTest(absltest.TestCase):
     np.testing.assert_array_equal(out["live"], np.ones(2, bool))
     self.assertIs(out["pool"], big)
 
-  def test_device_seconds_is_a_nonnegative_time(self):
-    seconds = timing.device_seconds(jax.jit(lambda x, w: jnp.tanh(x @ w)), self.x, self.w,
-                                    reps=2, flush=False, rounds=1)
-    self.assertGreaterEqual(seconds, 0.0)
-    self.assertLess(seconds, 10.0)
-
 
 if __name__ == "__main__":
   absltest.main()
