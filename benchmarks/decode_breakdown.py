@@ -6,7 +6,8 @@ flushed before each).
 
 --split_factors also times the whole call with the default split count times each factor.
 --query_selection also times, for the first selection's BF16 cache, what choosing pages by the
-query does per layer (`selection_stages`), and the XLA operations it is made of alone.
+query does per layer (`selection_stages`): the Pallas selection kernel, the jax.numpy reference,
+and the XLA operations the reference is made of alone.
 """
 
 import functools
@@ -27,6 +28,7 @@ from intent_jax import traces
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import select_pages as select_kernel
 from pallas_kernels.gpu import selected_page_decode as kernel
 
 _SHAPES = flags.DEFINE_list("shapes", ["8x131072", "1x131072"], "batch x tokens.")
@@ -42,9 +44,11 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this J
 
 def selection_stages(q, cache, fraction: float) -> dict:
   """{name: (fn, args)}: query-aware selection over `cache` on the agentic trace layout with a
-  budget of `fraction` of the pages (as decode_bench's), and the operations of the same shapes
-  that `select_pages` is built from, each alone: a sort of the page scores, a running count over
-  the pages, the compaction of the selected pages into the table (a scatter)."""
+  budget of `fraction` of the pages (as decode_bench's): the page scores, the plan, `select_pages`
+  with the platform's selection (the Pallas kernel on a GPU) and with the jax.numpy reference,
+  the kernel alone, and the operations of the same shapes the reference is built from, each
+  alone: a sort of the page scores, a running count over the pages, the compaction of the
+  selected pages into the table (a scatter). Prints whether both selections give one table."""
   c = cache.config
   batch, num_pages = c.max_seqs, c.max_pages_per_seq
   layout = traces.agentic_batch([c.max_seq_len] * batch, seed=1).unnamed()
@@ -56,12 +60,22 @@ def selection_stages(q, cache, fraction: float) -> dict:
   selected = scores > jnp.quantile(scores, 1 - fraction)
   slots = jnp.where(selected, jnp.cumsum(selected, axis=1) - 1, num_pages)
   rows = jnp.arange(batch)[:, None]
+  select = lambda implementation: (lambda scores, plan, budget: router.select_pages(
+      plan, page_scores=scores, budget=budget, implementation=implementation))
+  tables = [select(name)(scores, plan, budget) for name in (None, "reference")]
+  same = all(bool(jnp.array_equal(a, b))
+             for a, b in zip(jax.tree.leaves(tables[0]), jax.tree.leaves(tables[1])))
+  print(f"select_pages: the default selection's table equals the reference's: {same}")
+  capacity = config.table_capacity(c.max_seq_len)
   return {
       "page scores (bounds)": (scoring.page_scores, (q, cache)),
       "plan_query (once a step)": (
           lambda layout, lengths: router.plan_query(layout, lengths, config), (layout, lengths)),
-      "select_pages (a layer)": (lambda scores, plan, budget: router.select_pages(
-          plan, page_scores=scores, budget=budget), (scores, plan, budget)),
+      "select_pages (a layer)": (select(None), (scores, plan, budget)),
+      "select_pages, reference": (select("reference"), (scores, plan, budget)),
+      "  selection kernel alone": (lambda scores, plan, budget: select_kernel.select_pages(
+          plan.forced_page, plan.candidate, scores, jnp.full((batch,), budget),
+          capacity=capacity), (scores, plan, budget)),
       "  sort of the page scores": (lambda scores: jnp.sort(scores, axis=1), (scores,)),
       "  running count over pages": (
           lambda scores: jnp.cumsum(scores > 0, axis=1, dtype=jnp.int32), (scores,)),

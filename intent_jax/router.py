@@ -174,8 +174,7 @@ def _select_pages(forced_page, candidate, page_score, budget, *, capacity):
   `budget` pages in all (ties: the later page first). Works on pages only: one sort of the
   scores finds the cut, a reverse running count of the ties at the cut breaks them.
 
-  Returns (selected bool[pages], overflow bool: a candidate page was left out, forced pages fit
-  bool).
+  Returns selected bool[pages].
   """
   score = jnp.where(candidate & ~jnp.isnan(page_score), page_score, -jnp.inf)
   num_forced = jnp.sum(forced_page, dtype=jnp.int32)
@@ -186,7 +185,7 @@ def _select_pages(forced_page, candidate, page_score, budget, *, capacity):
   tied = candidate & (score == cut)
   tied_from_here = jnp.cumsum(tied[::-1], dtype=jnp.int32)[::-1]  # Ties at or after each page.
   chosen = (take > 0) & (above | (tied & (tied_from_here <= take - jnp.sum(above))))
-  return forced_page | chosen, jnp.any(candidate & ~chosen), num_forced <= capacity
+  return forced_page | chosen
 
 
 def _pages_in_range(per_page_before, first_token, end_token, ps):
@@ -248,24 +247,33 @@ def _fixed_reasons(valid, reached, forced_block, policies):
       [int(Reason.PADDING), int(Reason.NOT_REACHED), int(Reason.POLICY)], -1).astype(jnp.int32)
 
 
-def _table_row(page_used, page_precision, page_bits, *, capacity, attended, partial,
-               touches_window, reasons, block_precision, seq_len, overflow, truncated):
-  """PageTable fields of one sequence: the used pages compacted, in ascending order, into the
-  table's `capacity` slots (unused pages get an out-of-range slot and are dropped, so no two
-  writes share a slot), and the blocks' decisions."""
+def _compaction(page_used, *, capacity):
+  """(used_before i32[pages]: used pages before each page, page_ids i32[capacity]: the used
+  pages in ascending order, then 0) of one sequence. Unused pages get an out-of-range slot and
+  are dropped, so no two writes share a slot."""
   num_logical = page_used.shape[0]
-  slot = jnp.where(page_used, jnp.cumsum(page_used) - 1, capacity)
-  compact = lambda values, fill: jnp.full((capacity,) + values.shape[1:], fill,
-                                          values.dtype).at[slot].set(values, mode="drop")
+  running = jnp.cumsum(page_used, dtype=jnp.int32)
+  slot = jnp.where(page_used, running - 1, capacity)
+  page_ids = jnp.zeros(capacity, jnp.int32).at[slot].set(
+      jnp.arange(num_logical, dtype=jnp.int32), mode="drop")
+  return running - page_used, page_ids
+
+
+def _table_row(page_used, page_ids, page_precision, page_bits, *, capacity, attended, partial,
+               touches_window, reasons, block_precision, seq_len, overflow, truncated):
+  """PageTable fields of one sequence: the used pages as `_compaction` placed them
+  (`page_ids`), their precisions and token bits, and the blocks' decisions."""
+  num_pages = jnp.minimum(jnp.sum(page_used, dtype=jnp.int32), capacity)
+  filled = jnp.arange(capacity) < num_pages
   decisions = jnp.where(attended, int(Decision.ATTENDED),
                         jnp.where(partial, int(Decision.PARTIAL),
                                   jnp.where(touches_window, int(Decision.WINDOW_ONLY),
                                             int(Decision.DROPPED))))
   return dict(
-      page_ids=compact(jnp.arange(num_logical, dtype=jnp.int32), 0),
-      num_pages=jnp.minimum(jnp.sum(page_used), capacity).astype(jnp.int32),
-      precisions=compact(page_precision, int(Precision.BF16)),
-      token_bits=compact(page_bits, 0),
+      page_ids=page_ids,
+      num_pages=num_pages,
+      precisions=jnp.where(filled, page_precision[page_ids], int(Precision.BF16)),
+      token_bits=jnp.where(filled[:, None], page_bits[page_ids], 0),
       seq_lens=seq_len.astype(jnp.int32),
       block_decisions=decisions.astype(jnp.int32),
       block_reasons=reasons.astype(jnp.int32),
@@ -294,11 +302,12 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
                                        int(Reason.BELOW_THRESHOLD)))
   fixed = _fixed_reasons(valid, reached, forced_block, policies)
   block_precision = _block_precision(facts["attend_block"], scores, pressure, config)
-  reads = _page_reads(selected, _token_precision(facts, block_precision, block_of_token),
-                      facts["by_page"])
+  page_used, page_precision, page_bits = _page_reads(
+      selected, _token_precision(facts, block_precision, block_of_token), facts["by_page"])
+  _, page_ids = _compaction(page_used, capacity=capacity)
   attended = (forced_block | kept) & reached
   return _table_row(
-      *reads, capacity=capacity, attended=attended, partial=jnp.zeros_like(attended),
+      page_used, page_ids, page_precision, page_bits, capacity=capacity, attended=attended, partial=jnp.zeros_like(attended),
       touches_window=facts["touches_window"], reasons=jnp.where(fixed >= 0, fixed, attend_reasons),
       block_precision=block_precision, seq_len=seq_len,
       overflow=jnp.any(candidate & reached & ~kept),
@@ -416,13 +425,26 @@ def _plan(starts, ends, policies, scores, valid, seq_lens, memory_pressure, *,
   return QueryPlan(**fields, config=config, num_tokens=num_tokens)
 
 
-def _select_sequence(plan: QueryPlan, page_score, budget, *, capacity: int, ps: int):
-  """Query mode, one sequence of the plan: PageTable fields."""
-  page_selected, overflow, forced_fit = _select_pages(
-      plan.forced_page, plan.candidate, page_score, budget, capacity=capacity)
+def reference_select_pages(forced_page, candidate, page_score, budget, *, capacity: int):
+  """The page-level selection of query mode for a batch, in jax.numpy: the answer the kernels
+  (pallas_kernels/*/select_pages.py) must give.
+
+  Args: forced_page, candidate bool[batch, pages]; page_score f32[batch, pages]; budget
+  i32[batch]; capacity: static, the table's slots.
+  Returns (selected bool[batch, pages], selected_before i32[batch, pages]: selected pages before
+  each page, page_ids i32[batch, capacity]: the selected pages in ascending order, then 0).
+  """
+  def one(forced_page, candidate, page_score, budget):
+    selected = _select_pages(forced_page, candidate, page_score, budget, capacity=capacity)
+    return (selected, *_compaction(selected, capacity=capacity))
+  return jax.vmap(one)(forced_page, candidate, page_score, budget)
+
+
+def _select_sequence(plan: QueryPlan, page_selected, selected_before, page_ids, *,
+                     capacity: int, ps: int):
+  """Query mode, one sequence of the plan and its page selection: PageTable fields."""
   # An ATTEND token is read iff its page is, so a block's decision needs pages only.
-  selected_before = jnp.concatenate(
-      [jnp.zeros(1, jnp.int32), jnp.cumsum(page_selected, dtype=jnp.int32)])
+  selected_before = jnp.append(selected_before, selected_before[-1] + page_selected[-1])
   every_page = jnp.arange(page_selected.shape[0] + 1, dtype=jnp.int32)
   starts, in_seq_end = plan.block_starts, plan.block_in_seq_end
   all_selected = (_pages_in_range(selected_before, starts, in_seq_end, ps) ==
@@ -433,20 +455,55 @@ def _select_sequence(plan: QueryPlan, page_score, budget, *, capacity: int, ps: 
   reasons = jnp.where(plan.block_fixed_reasons >= 0, plan.block_fixed_reasons,
                       jnp.where(attended | partial, int(Reason.QUERY_SELECTED),
                                 int(Reason.QUERY_DROPPED)))
+  forced_fit = jnp.sum(plan.forced_page, dtype=jnp.int32) <= capacity
   return _table_row(
-      page_selected, plan.page_precision, plan.page_bits, capacity=capacity, attended=attended,
-      partial=partial, touches_window=plan.block_touches_window, reasons=reasons,
-      block_precision=plan.block_precisions, seq_len=plan.seq_lens, overflow=overflow,
-      truncated=~forced_fit | plan.too_long)
+      page_selected, page_ids, plan.page_precision, plan.page_bits, capacity=capacity,
+      attended=attended, partial=partial, touches_window=plan.block_touches_window,
+      reasons=reasons, block_precision=plan.block_precisions, seq_len=plan.seq_lens,
+      overflow=jnp.any(plan.candidate & ~page_selected), truncated=~forced_fit | plan.too_long)
 
 
-@jax.jit
-def _select(plan: QueryPlan, page_scores, budgets) -> PageTable:
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _select(plan: QueryPlan, page_scores, budgets, *, implementation: str) -> PageTable:
   config = plan.config
-  select_one = functools.partial(_select_sequence, capacity=config.table_capacity(plan.num_tokens),
-                                 ps=config.page_size)
-  fields = jax.vmap(select_one)(plan, page_scores, budgets)
+  capacity = config.table_capacity(plan.num_tokens)
+  selection = _selection_function(implementation, plan.num_pages)(
+      plan.forced_page, plan.candidate, page_scores, budgets, capacity=capacity)
+  select_one = functools.partial(_select_sequence, capacity=capacity, ps=config.page_size)
+  fields = jax.vmap(select_one)(plan, *selection)
   return PageTable(**fields, page_size=config.page_size)
+
+
+# Page-selection implementations tried in order (the first that does not raise
+# NotImplementedError) when `implementation` is None; "reference" takes every input.
+DEFAULT_SELECTION_ORDER = {"gpu": ("pallas_gpu", "reference")}
+SELECTION_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_gpu_interpret")
+
+
+def _selection_function(implementation: str, num_pages: int):
+  """The batched page selection called `implementation` (or the platform's default where it is
+  "default"), after checking that it takes tables of `num_pages` pages."""
+  if implementation == "default":
+    names = DEFAULT_SELECTION_ORDER.get(jax.default_backend(), ("reference",))
+  else:
+    names = (implementation,)
+  for name in names[:-1]:
+    try:
+      return _selection_kernel(name, num_pages)
+    except NotImplementedError:
+      continue
+  return _selection_kernel(names[-1], num_pages)
+
+
+def _selection_kernel(name: str, num_pages: int):
+  if name == "reference":
+    return reference_select_pages
+  if name == "pallas_gpu" and jax.default_backend() != "gpu":
+    raise NotImplementedError("pallas_gpu runs on GPUs")
+  # Kernels are imported here: they build on this package.
+  from pallas_kernels.gpu import select_pages as kernel  # pylint: disable=g-import-not-at-top
+  kernel.static_validate_inputs(num_pages)
+  return functools.partial(kernel.select_pages, interpret=name == "pallas_gpu_interpret")
 
 
 @functools.partial(jax.jit, static_argnames=("num_pages",))
@@ -517,17 +574,26 @@ def plan_query(layout: BlockLayout, seq_lens: jax.Array, config: RouterConfig, *
 
 
 def select_pages(plan: QueryPlan, *, query: jax.Array | None = None, cache=None,
-                 budget: jax.Array | int | None = None,
-                 page_scores: jax.Array | None = None) -> PageTable:
+                 budget: jax.Array | int | None = None, page_scores: jax.Array | None = None,
+                 implementation: str | None = None) -> PageTable:
   """The page-level half of query-mode `route`: the forced pages, then the best-scoring
-  candidate pages up to `budget`. Takes `query` and `cache`, or `page_scores`, as `route`."""
+  candidate pages up to `budget`. Takes `query` and `cache`, or `page_scores`, as `route`.
+
+  `implementation`: one of SELECTION_IMPLEMENTATIONS for the selection itself (the cut, the ties,
+  the compaction); default the platform's kernel where it takes the table, else "reference"
+  (`reference_select_pages`). "pallas_gpu_interpret" runs the GPU kernel in Pallas interpret
+  mode (tests). Every implementation gives the same table.
+  """
   if not isinstance(plan, QueryPlan):
     raise TypeError(f"plan must be a QueryPlan (plan_query), got {type(plan).__name__}")
   if query is None and cache is None and page_scores is None:
     raise ValueError("select_pages needs query and cache, or page_scores")
+  if implementation is not None and implementation not in SELECTION_IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} must be None or one of"
+                     f" {SELECTION_IMPLEMENTATIONS}")
   page_scores, budgets = _query_mode_inputs(plan.batch_size, plan.num_pages, plan.config, query,
                                             cache, budget, page_scores)
-  return _select(plan, page_scores, budgets)
+  return _select(plan, page_scores, budgets, implementation=implementation or "default")
 
 
 def _layout_arrays(layout, seq_lens, config, scores, memory_pressure):

@@ -71,8 +71,8 @@ class RouteMatchesSpecTest(parameterized.TestCase):
       rows = [spec.random_blocks(rng, num_tokens, MAX_BLOCKS) for _ in range(BATCH)]
       layout = _layout(rows, num_tokens)
       seq_lens = rng.integers(1, num_tokens + 1, size=BATCH)
-      # Ties (a grid), unmapped pages (-inf) and NaN among the scores.
-      page_scores = rng.choice([-np.inf, np.nan, -3.0, -1.0, -1.0, 0.0, 0.5, 2.0],
+      # Ties (a grid; -0 ties with 0), unmapped pages (-inf) and NaN among the scores.
+      page_scores = rng.choice([-np.inf, np.nan, -3.0, -1.0, -1.0, -0.0, 0.0, 0.5, 2.0],
                                size=(BATCH, num_pages)).astype(np.float32)
       budgets = rng.integers(0, config.table_capacity(num_tokens) + 3, size=BATCH)
       table = route(layout, jnp.asarray(seq_lens), config, page_scores=jnp.asarray(page_scores),
