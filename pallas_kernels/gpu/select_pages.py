@@ -20,7 +20,10 @@ from jax.experimental.pallas import triton as plgpu
 # Pages per sequence the kernel holds in one program (registers: ~6 int32 words per page over
 # the program's threads); longer tables use the reference.
 MAX_PAGES = 16384
-NUM_WARPS = 16  # 16: 24 us at 8192 pages on an H100; 8: 28 us, 32: 25 us, 4: 51 us.
+# 16 warps: 24 us at 8192 pages on an H100; 8: 28 us, 32: 25 us, 4: 51 us. The search is bound
+# by the program's arithmetic (one program a sequence): deciding 2-4 bits per step with packed
+# counts took 33-64 us.
+NUM_WARPS = 16
 
 
 def static_validate_inputs(num_pages: int) -> None:
@@ -41,7 +44,7 @@ def _order_keys(score):
 def _kernel(score_ref, forced_ref, candidate_ref, budget_ref, selected_ref, before_ref,
             page_ids_ref, *, capacity: int):
   num_pages = score_ref.shape[0]
-  forced, candidate = forced_ref[...] != 0, candidate_ref[...] != 0
+  forced, candidate = forced_ref[...] != 0, candidate_ref[...] != 0  # bool[pages]
   key = _order_keys(jnp.where(candidate & (score_ref[...] == score_ref[...]), score_ref[...],
                               -jnp.inf))
   num_forced = jnp.sum(forced.astype(jnp.int32))
@@ -98,7 +101,7 @@ def select_pages(forced_page, candidate, page_score, budget, *, capacity: int,
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="select_pages",
-  )(pad(page_score.astype(jnp.float32), -jnp.inf), pad(forced_page.astype(jnp.int32), 0),
-    pad(candidate.astype(jnp.int32), 0), budget.astype(jnp.int32)[:, None])
+  )(pad(page_score.astype(jnp.float32), -jnp.inf), pad(forced_page, False), pad(candidate, False),
+    budget.astype(jnp.int32)[:, None])
   page_ids = jnp.pad(page_ids[:, :capacity], ((0, 0), (0, max(capacity - padded, 0))))
   return selected[:, :num_pages] != 0, before[:, :num_pages], page_ids
