@@ -307,7 +307,8 @@ def _route_sequence(starts, ends, policies, scores, valid, block_of_token, seq_l
   _, page_ids = _compaction(page_used, capacity=capacity)
   attended = (forced_block | kept) & reached
   return _table_row(
-      page_used, page_ids, page_precision, page_bits, capacity=capacity, attended=attended, partial=jnp.zeros_like(attended),
+      page_used, page_ids, page_precision, page_bits, capacity=capacity, attended=attended,
+      partial=jnp.zeros_like(attended),
       touches_window=facts["touches_window"], reasons=jnp.where(fixed >= 0, fixed, attend_reasons),
       block_precision=block_precision, seq_len=seq_len,
       overflow=jnp.any(candidate & reached & ~kept),
@@ -496,6 +497,7 @@ def _selection_function(implementation: str, num_pages: int):
 
 
 def _selection_kernel(name: str, num_pages: int):
+  """The selection called `name`; NotImplementedError where it cannot run or take the table."""
   if name == "reference":
     return reference_select_pages
   if name == "pallas_gpu" and jax.default_backend() != "gpu":

@@ -1,5 +1,6 @@
-"""The page-selection kernel of query-mode routing in Pallas interpret mode (CPU) against the
-jax.numpy selection, `router.reference_select_pages`; and the dispatch of `router.select_pages`."""
+"""The page-selection kernel of query-mode routing against the jax.numpy selection,
+`router.reference_select_pages` (in Pallas interpret mode off a GPU, compiled on a GPU); and the
+dispatch of `router.select_pages`."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -11,6 +12,8 @@ from intent_jax import router
 from intent_jax import traces
 from pallas_kernels.gpu import select_pages as gpu_kernel
 
+INTERPRET = jax.default_backend() != "gpu"
+KERNEL = "pallas_gpu_interpret" if INTERPRET else "pallas_gpu"
 # Ties, -0 beside 0, unmapped pages (-inf) and NaN among the scores.
 SCORE_CHOICES = (-np.inf, np.nan, -3.0, -1.0, -1.0, -0.0, 0.0, 0.5, 2.0)
 
@@ -40,7 +43,7 @@ class SelectPagesKernelTest(parameterized.TestCase):
   def test_matches_reference(self, num_pages, capacity, budgets, forced_rate, ties):
     inputs = _selection_inputs(num_pages, len(budgets), num_pages, budgets, forced_rate, ties)
     expected = router.reference_select_pages(*inputs, capacity=capacity)
-    got = gpu_kernel.select_pages(*inputs, capacity=capacity, interpret=True)
+    got = gpu_kernel.select_pages(*inputs, capacity=capacity, interpret=INTERPRET)
     for name, want, have in zip(("selected", "selected_before", "page_ids"), expected, got):
       self.assertEqual(have.shape, want.shape, name)
       np.testing.assert_array_equal(have, want, err_msg=name)
@@ -74,12 +77,12 @@ class SelectPagesDispatchTest(parameterized.TestCase):
     plan, scores = self._plan_and_scores()
     budget = jnp.asarray([10, 40, 3], jnp.int32)
     tables = [router.select_pages(plan, page_scores=scores, budget=budget, implementation=name)
-              for name in ("reference", "pallas_gpu_interpret")]
+              for name in ("reference", KERNEL)]
     self.assertGreater(int(tables[0].num_pages.min()), 0)
     for want, have in zip(jax.tree.leaves(tables[0]), jax.tree.leaves(tables[1])):
       np.testing.assert_array_equal(have, want)
 
-  def test_default_is_the_reference_off_gpu(self):
+  def test_default_equals_reference(self):
     plan, scores = self._plan_and_scores()
     default = router.select_pages(plan, page_scores=scores, budget=20)
     reference = router.select_pages(plan, page_scores=scores, budget=20,

@@ -1,4 +1,5 @@
-"""The GPU kernel in Pallas interpret mode (CPU) against reference.paged_attention."""
+"""The GPU kernel against reference.paged_attention: in Pallas interpret mode off a GPU (make test),
+compiled on a GPU (`python -m tests.test_selected_page_decode_gpu` on the GPU machine)."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -18,6 +19,7 @@ from tests import spec
 
 B16, FP8, INT8, INT4 = Precision.BF16, Precision.FP8, Precision.INT8, Precision.INT4
 NUM_TOKENS, BATCH = spec.KERNEL_TOKENS, spec.KERNEL_BATCH
+INTERPRET = jax.default_backend() != "gpu"
 
 
 # (name, q_len, num_q_heads, num_kv_heads, head_dim, page_size, cache dtype, q dtype, pressure,
@@ -47,7 +49,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     options = {}
     if extras:
       options = dict(sinks=jax.random.normal(ks, (num_q_heads,)), softcap=4.0, scale=0.2)
-    out = kernel.selected_page_decode(q, cache, table, interpret=True, num_splits=splits,
+    out = kernel.selected_page_decode(q, cache, table, interpret=INTERPRET, num_splits=splits,
                                       poison=True, **options)
     expected = reference.paged_attention(q, cache, table, **options)
     self.assertEqual(out.dtype, q_dtype)
@@ -67,8 +69,8 @@ class SelectedPageDecodeTest(parameterized.TestCase):
                                     formats=(B16,))
     q_positions = cache.lengths[:, None] - 45 + jnp.arange(q_len)
     q = jax.random.normal(jax.random.key(3), (BATCH, q_len, 4, 32))
-    out = kernel.selected_page_decode(q, cache, table, q_positions=q_positions, interpret=True,
-                                      num_splits=2, poison=True,
+    out = kernel.selected_page_decode(q, cache, table, q_positions=q_positions,
+                                      interpret=INTERPRET, num_splits=2, poison=True,
                                       blocks=GpuDecodeBlocks(pages_per_block, 4, 2))
     expected = reference.paged_attention(q, cache, table, q_positions=q_positions)
     everything = reference.paged_attention(q, cache, table)
@@ -80,7 +82,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     cache, table = spec.kernel_case(5, num_kv_heads=2, head_dim=32, page_size=16,
                                     dtype="float32", pressure=0.4, eight_bit=INT8, recent=24)
     q = jax.random.normal(jax.random.key(5), (BATCH, 2, 4, 32), jnp.bfloat16)
-    out, lse = kernel.selected_page_decode(q, cache, table, interpret=True, num_splits=3,
+    out, lse = kernel.selected_page_decode(q, cache, table, interpret=INTERPRET, num_splits=3,
                                            return_lse=True)
     want_out, want_lse = reference.paged_attention(q, cache, table, return_lse=True)
     self.assertEqual(out.dtype, jnp.float32)
@@ -98,7 +100,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
     self.assertEqual(int(table.num_pages.sum()), 0)
     q = jax.random.normal(jax.random.key(0), (BATCH, 2, 4, 32))
     sinks = jnp.ones(4) if with_sinks else None
-    out = kernel.selected_page_decode(q, cache, table, sinks=sinks, interpret=True)
+    out = kernel.selected_page_decode(q, cache, table, sinks=sinks, interpret=INTERPRET)
     np.testing.assert_array_equal(out, 0.0)
 
   def test_dispatch_steps_aside_off_gpu_and_for_contiguous_kv(self):
@@ -112,7 +114,7 @@ class SelectedPageDecodeTest(parameterized.TestCase):
       np.testing.assert_array_equal(out, reference.paged_attention(q, cache, table))
     k = jnp.zeros((BATCH, NUM_TOKENS, 2, 32))
     with self.assertRaisesRegex(NotImplementedError, "reads a paged KVCache"):
-      kernel.selected_page_decode(q, (k, k), table, interpret=True)
+      kernel.selected_page_decode(q, (k, k), table, interpret=INTERPRET)
 
 
 if __name__ == "__main__":
