@@ -18,11 +18,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Pages per sequence the kernel holds in one program (registers: ~6 int32 words per page over
-# the program's threads); longer tables use the reference.
-MAX_PAGES = 16384
-# 16 warps: 24 us at 8192 pages on an H100; 8: 28 us, 32: 25 us, 4: 51 us. The search is bound
-# by the program's arithmetic (one program a sequence): deciding 2-4 bits per step with packed
-# counts took 33-64 us.
+# the program's threads): the largest table run on a GPU (128K tokens at page 16); longer tables
+# use the reference.
+MAX_PAGES = 8192
+# 16 warps: 24 us at 8192 pages on an H100; 8: 28 us, 32: 25 us, 4: 51 us. One program does a
+# sequence's work, so warps help; deciding 2-4 bits per step with packed counts (more work, fewer
+# steps) took 33-64 us.
 NUM_WARPS = 16
 
 
