@@ -28,6 +28,7 @@ import numpy as np
 
 from intent_jax.layout import BlockLayout, BlockPolicy, FORCED_POLICIES
 from intent_jax import cache as cache_lib
+from intent_jax import dispatch
 from intent_jax import scoring
 from intent_jax import sharded
 from intent_jax.layout import token_block_ids
@@ -488,12 +489,7 @@ def _selection_function(implementation: str, num_pages: int):
     names = DEFAULT_SELECTION_ORDER.get(jax.default_backend(), ("reference",))
   else:
     names = (implementation,)
-  for name in names[:-1]:
-    try:
-      return _selection_kernel(name, num_pages)
-    except NotImplementedError:
-      continue
-  return _selection_kernel(names[-1], num_pages)
+  return dispatch.first_supported(names, lambda name: _selection_kernel(name, num_pages))
 
 
 def _selection_kernel(name: str, num_pages: int):

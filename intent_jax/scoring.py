@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
+from intent_jax import dispatch
 from intent_jax.layout import BlockLayout, token_block_ids
 
 
@@ -111,12 +112,7 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
   else:
     raise ValueError(
         f"implementation={implementation!r} must be None or one of {BOUND_IMPLEMENTATIONS}")
-  for name in names[:-1]:
-    try:
-      return _bound_kernel(name)(q, cache, scale=scale)
-    except NotImplementedError:
-      continue
-  return _bound_kernel(names[-1])(q, cache, scale=scale)
+  return dispatch.first_supported(names, lambda name: _bound_kernel(name)(q, cache, scale=scale))
 
 
 def _bound_kernel(name: str):

@@ -46,8 +46,8 @@ def _kernel(score_ref, forced_ref, candidate_ref, budget_ref, selected_ref, befo
             page_ids_ref, *, capacity: int):
   num_pages = score_ref.shape[0]
   forced, candidate = forced_ref[...] != 0, candidate_ref[...] != 0  # bool[pages]
-  key = _order_keys(jnp.where(candidate & (score_ref[...] == score_ref[...]), score_ref[...],
-                              -jnp.inf))
+  score = score_ref[...]
+  key = _order_keys(jnp.where(candidate & (score == score), score, -jnp.inf))
   num_forced = jnp.sum(forced.astype(jnp.int32))
   room = jnp.maximum(jnp.minimum(budget_ref[0], capacity) - num_forced, 0)
   take = jnp.minimum(room, jnp.sum(candidate.astype(jnp.int32)))
