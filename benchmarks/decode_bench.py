@@ -14,7 +14,8 @@ times back-to-back calls from the host instead, as the earliest tables in BENCHM
 Bytes are K and V of the pages each variant must read, once, scales included; GB/s is bytes over
 time; "% copy" is that over the copy ceiling measured in the same run. With --check, each of this
 library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
-first, so unwritten blocks show).
+first, so unwritten blocks show). --q_len, --sinks and --softcap time and check the kernel with
+several causal query tokens, sink logits and a soft-cap (this library's rows only).
 
 With --mesh (heads x pages, e.g. 1x2,2x1), the first selection's BF16 and mixed tables also run on
 a `sharded.ShardedKVCache` over that many devices: the step time (LSE merge included) beside the
@@ -66,7 +67,12 @@ _MESH = flags.DEFINE_list("mesh", [], "Mesh shapes, heads x pages devices, for s
 _MESH_LAYERS = flags.DEFINE_integer(
     "mesh_layers", 8, "Mesh and query-selection rows also time this many decode calls (different "
     "queries, the same cache) in one jitted call, as a model step's layers: the per-layer cost.")
-_PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too.")
+_Q_LEN = flags.DEFINE_integer("q_len", 1, "Query tokens per sequence (1..8), the last q_len "
+                              "positions, each seeing the keys up to its own (causal).")
+_SINKS = flags.DEFINE_bool("sinks", False, "Random per-head sink logits.")
+_SOFTCAP = flags.DEFINE_float("softcap", None, "Logit soft-cap; none by default.")
+_PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too (one query token, no sinks or "
+                           "soft-cap only: the peers have neither).")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
 _NUM_Q_HEADS = flags.DEFINE_integer("num_q_heads", 32, "Query heads.")
@@ -225,6 +231,15 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
 def main(argv):
   del argv
   hq, hkv, d = _NUM_Q_HEADS.value, _NUM_KV_HEADS.value, _HEAD_DIM.value
+  q_len = _Q_LEN.value
+  plain = q_len == 1 and not _SINKS.value and _SOFTCAP.value is None
+  if not plain and (_MESH.value or _QUERY_SELECTION.value or _TRACES.value):
+    raise app.UsageError("--q_len > 1, --sinks and --softcap time the single-device rows only: "
+                         "pass --mesh= --query_selection=false --traces=false")
+  peers = _PEERS.value and plain
+  options = dict(softcap=_SOFTCAP.value,
+                 sinks=jax.random.normal(jax.random.key(7), (hq,), jnp.float32) if _SINKS.value
+                 else None)
   def measure(fn, *args):
     """Seconds per call of fn(*args)."""
     if _TIMING.value == "wall":
@@ -238,7 +253,8 @@ def main(argv):
     per_second = 1 / seconds if seconds > 0 else float("nan")  # 0: under the timing's noise.
     row = dict(name=name, batch=batch, tokens=num_tokens, page_size=page_size,
                selection=selection, storage=storage, us=seconds * 1e6, bytes=nbytes,
-               gbps=nbytes * per_second / 1e9, tflops=4 * hq * d * keys * per_second / 1e12,
+               gbps=nbytes * per_second / 1e9,
+               tflops=4 * q_len * hq * d * keys * per_second / 1e12,
                **extra)
     row["pct_copy"] = 100 * row["gbps"] / copy_gbps
     rows.append(row)
@@ -256,17 +272,17 @@ def main(argv):
   print(f"copy ceiling: {copy_gbps:.0f} GB/s (1 GiB bf16, read + write), {jax.devices()[0]}")
   rows.append(dict(name="copy", gbps=copy_gbps, us=copy_s * 1e6))
   decode = jax.jit(functools.partial(attention.decode_attention,
-                                     implementation=_IMPLEMENTATION.value))
+                                     implementation=_IMPLEMENTATION.value, **options))
   rng = np.random.default_rng(0)
 
   for shape in _SHAPES.value:
     batch, num_tokens = map(int, shape.split("x"))
     kq, kk, kv = jax.random.split(jax.random.key(batch + num_tokens), 3)
-    q = jax.random.normal(kq, (batch, 1, hq, d), jnp.bfloat16)
+    q = jax.random.normal(kq, (batch, q_len, hq, d), jnp.bfloat16)
     k = jax.random.normal(kk, (batch, num_tokens, hkv, d), jnp.bfloat16)
     v = jax.random.normal(kv, (batch, num_tokens, hkv, d), jnp.bfloat16)
     dense_bytes = 2 * k.nbytes
-    if _PEERS.value:
+    if peers:
       for impl in ("cudnn", "xla"):
         try:
           seconds = measure(jax.jit(functools.partial(jax.nn.dot_product_attention,
@@ -293,9 +309,9 @@ def main(argv):
           try:
             if _CHECK.value:
               impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
-              out = jax.jit(lambda q, c, t: impl(q, c, t, poison=True) if _IMPLEMENTATION.value
-                            == "pallas_gpu" else impl(q, c, t))(q, cache, table)
-              expected = reference.paged_attention(q, cache, table)
+              poison = dict(poison=True) if _IMPLEMENTATION.value == "pallas_gpu" else {}
+              out = jax.jit(lambda q, c, t: impl(q, c, t, **options, **poison))(q, cache, table)
+              expected = reference.paged_attention(q, cache, table, **options)
               extra["rel_err"] = report.relative_error(out, expected)
             seconds = measure(decode, q, cache, table)
           except NotImplementedError as e:  # E.g. a tiling the kernel does not support.
@@ -308,7 +324,7 @@ def main(argv):
             kernel_seconds, selection_cache = seconds, cache
           if s_index == 0 and storage in ("bf16", "mixed") and seconds is not None:
             sharded_decode(record, q, cache, table, selection, storage, seconds, measure)
-          if _PEERS.value and storage == "bf16":
+          if peers and storage == "bf16":
             pool = cache.pools[Precision.BF16]
             peer = (decode_inputs.jax_tpu_paged_attention if jax.default_backend() == "tpu"
                     else functools.partial(decode_inputs.jax_paged_attention, k_splits=16))

@@ -23,7 +23,7 @@ class CheckpointTest(absltest.TestCase):
     self.assertGreaterEqual(meta["held_out_accuracy"], 0.95)
     for field in ("command", "seed", "steps", "device", "date", "seconds"):
       self.assertIn(field, meta)
-    examples = tasks.recall_examples(task, 256, seed=2, split="eval")  # Not seen in training.
+    examples = tasks.recall_examples(task, 128, seed=2, split="eval")  # Not seen in training.
     self.assertGreaterEqual(quality.dense_accuracy(model, examples), 0.95)
 
   def test_a_missing_checkpoint_says_how_to_make_one(self):
