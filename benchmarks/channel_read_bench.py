@@ -1,4 +1,5 @@
-r"""What reading r of a key's channels costs, with K row-major (the cache's layout) or channel-major.
+r"""What reading r of a key's channels costs, with K row-major (the cache's layout) or
+channel-major.
 
 Query-aware selection by the channels where the query is largest
 (`scoring.top_channel_page_logits`) needs r / head_dim of every key. In the cache's row-major

@@ -12,7 +12,8 @@ NAMED = {"bf16": Precision.BF16, "int8": Precision.INT8, "fp8": Precision.FP8,
          "int4": Precision.INT4}
 
 
-def selection_table(rng, batch, num_tokens, page_size, fraction, precisions) -> page_table.PageTable:
+def selection_table(rng, batch, num_tokens, page_size, fraction,
+                    precisions) -> page_table.PageTable:
   """A table reading `fraction` of each sequence's pages (random, sorted), every token of them."""
   total = num_tokens // page_size
   count = max(1, round(fraction * total))

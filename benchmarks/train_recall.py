@@ -2,10 +2,11 @@ r"""Trains the small decoder on agentic recall until dense attention answers hel
 
 Training contexts ask --num_queries questions each (loss on every answer), from short contexts
 with few facts to the full task (--curriculum: from scratch, induction over look-alike facts is not
-found: the loss stays at ln(facts), copying any value in the context; a copy stage teaches it); evaluation asks one question per held-out context of the last stage
-(the "eval" split), with dense causal attention. Batches are drawn
-by worker processes (seeded by step), so a run is reproducible. Stops at --steps, or at the first
-evaluation reaching --stop_accuracy, and writes the checkpoint (.npz) with its provenance (.json).
+found: the loss stays at ln(facts), copying any value in the context; a copy stage teaches it);
+evaluation asks one question per held-out context of the last stage (the "eval" split), with
+dense causal attention. Batches are drawn by worker processes (seeded by step), so a run is
+reproducible. Stops at --steps, or at the first evaluation reaching --stop_accuracy, and writes
+the checkpoint (.npz) with its provenance (.json).
 
   python -m benchmarks.train_recall --checkpoint=intent_jax/data/recall_tiny.npz
 """

@@ -36,7 +36,8 @@ RECALL_CHECKPOINT = os.path.join(DATA_DIR, "recall_tiny.npz")
 
 
 def answer_logits(logits: jax.Array, positions: jax.Array) -> jax.Array:
-  """f32[batch, queries, vocab]: logits f32[batch, tokens, vocab] at positions i32[batch, queries]."""
+  """f32[batch, queries, vocab]: logits f32[batch, tokens, vocab] at positions
+  i32[batch, queries]."""
   return jnp.take_along_axis(logits, positions[..., None], axis=1)
 
 
@@ -351,7 +352,8 @@ def evaluate(model: Decoder, examples: tasks.RecallExamples, settings, *, batch:
   """One row per setting: answer accuracy and NLL, the fraction of KV bytes a step reads (vs
   every page in BF16), the attention output's relative error vs dense attention over BF16 K/V
   (the setting's own queries, mean over layers), how often every layer reads the answer's
-  fact, and the share of the answer block's pages a layer reads (mean over layers). Examples ask one question each; contexts are prefilled densely once per batch."""
+  fact, and the share of the answer block's pages a layer reads (mean over layers). Examples ask
+  one question each; contexts are prefilled densely once per batch."""
   if examples.task.num_queries != 1:
     raise ValueError(f"examples ask {examples.task.num_queries} questions each; evaluate scores"
                      " contexts that ask one (RecallTask(num_queries=1))")

@@ -11,8 +11,9 @@ Every context is exactly `RecallTask.seq_len` tokens, in this order of blocks:
 
 Keys are unique within a context, so each key's fact sits in exactly one block. The first question
 asks for a key of one document, the answer document (the others, in training contexts, for any
-other fact): the answer is the value that followed the key where it was stated. The model reads "ASK key" and must predict the value (the next token); training puts the
-loss on every question's value, evaluation asks one question as the prompt's last token.
+other fact): the answer is the value that followed the key where it was stated. The model reads
+"ASK key" and must predict the value (the next token); training puts the loss on every question's
+value, evaluation asks one question as the prompt's last token.
 The layout's scores are the runtime's intent: the answer document scores in [0.85, 1], the other
 documents in [0.05, 0.7] (`noisy_scores` weakens that knowledge).
 """
@@ -135,7 +136,8 @@ class RecallExamples:
     return dataclasses.replace(
         self, tokens=pick(self.tokens), answer_positions=pick(self.answer_positions),
         answers=pick(self.answers), answer_blocks=pick(self.answer_blocks),
-        fact_positions=pick(self.fact_positions), starts=pick(self.starts), ends=pick(self.ends), policies=pick(self.policies),
+        fact_positions=pick(self.fact_positions), starts=pick(self.starts),
+        ends=pick(self.ends), policies=pick(self.policies),
         scores=pick(self.scores))
 
 

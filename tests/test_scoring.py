@@ -252,7 +252,8 @@ class QueryRouteTest(parameterized.TestCase):
       route(layout, lengths, self.CONFIG, query=q)
     with self.assertRaisesRegex(ValueError, "either page_scores or query"):
       route(layout, lengths, self.CONFIG, query=q, cache=cache, page_scores=jnp.zeros((2, 10)))
-    with self.assertRaisesRegex(ValueError, r"page_scores must be a float array of shape \(2, 10\)"):
+    with self.assertRaisesRegex(ValueError,
+                                r"page_scores must be a float array of shape \(2, 10\)"):
       route(layout, lengths, self.CONFIG, page_scores=jnp.zeros((2, 9)))
     with self.assertRaisesRegex(ValueError, "budget must be an int"):
       route(layout, lengths, self.CONFIG, query=q, cache=cache, budget=2.5)
