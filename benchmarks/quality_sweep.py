@@ -68,7 +68,10 @@ def query_settings() -> list[quality.Setting]:
           quality.Setting("no intent scores, exact page max logit (oracle), 25% pages", by_query,
                           scores="query", exact_page_scores=True),
           quality.Setting("no intent scores, query logits on 4 of 32 channels, 25% pages",
-                          by_query, scores="query", score_channels=4)]
+                          by_query, scores="query", score_channels=4),
+          quality.Setting("no intent scores, 4 of 32 channels of an INT4 K copy, 25% pages",
+                          by_query, scores="query", score_channels=4,
+                          score_copy=Precision.INT4)]
 
 
 def prefetch_rows(model, examples, task, steps: int) -> list[dict]:

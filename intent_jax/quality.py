@@ -127,6 +127,9 @@ class Setting:
       instead of the key-bound scores.
     score_channels: for scores="query", rank pages by their largest logit over this many
       channels (`scoring.top_channel_page_logits`) instead of the key-bound scores.
+    score_copy: with score_channels, the estimate reads K rounded through this quantized format
+      (one scale per channel of a page, as the cache stores K), which is what a channel-major
+      copy of K kept in that format would hold; None: K as the cache stores it.
     skip_answer: the answer's document is SKIPped (the negative control).
     skip_as_attend: SKIP blocks are ATTEND blocks with score 0 (with score_threshold 0: every page
       is read, each in the precision its score gives: the policy's mixed precision).
@@ -144,6 +147,7 @@ class Setting:
   page_budget: float = 0.25
   exact_page_scores: bool = False
   score_channels: int | None = None
+  score_copy: Precision | None = None
   skip_answer: bool = False
   skip_as_attend: bool = False
   storage: Precision | None = None
@@ -166,6 +170,10 @@ class Setting:
         raise ValueError("score_channels is for scores='query' without exact_page_scores")
       if not is_int(self.score_channels) or self.score_channels < 1:
         raise ValueError(f"score_channels={self.score_channels!r} must be None or an int >= 1")
+    if self.score_copy is not None and (self.score_channels is None or
+                                        self.score_copy not in quant.QMAX):
+      raise ValueError(f"score_copy={self.score_copy!r} needs score_channels and a quantized "
+                       f"Precision ({', '.join(p.name for p in quant.QMAX)})")
     if self.router is not None and not isinstance(self.router, router_lib.RouterConfig):
       raise TypeError(f"router must be a RouterConfig or None, got {type(self.router).__name__}")
 
@@ -213,6 +221,17 @@ def _emulated_storage(config: cache_lib.CacheConfig, k, v, lengths, precision: P
   return cache_lib.prefill(cache_lib.create(config), k, v, lengths)
 
 
+def keys_rounded(cache: cache_lib.KVCache, precision: Precision) -> cache_lib.KVCache:
+  """`cache` with its BF16 pool's K rounded through the quantized `precision`, one scale per
+  channel of a page (over all of a page's slots, written or not): what a copy of K kept in that
+  format would give a reader. V and the other pools are unchanged."""
+  pools = list(cache.pools)
+  bf16 = pools[Precision.BF16]
+  k = quant.fake_quant(bf16.k, precision, cache_lib.K_SCALE_AXIS)
+  pools[Precision.BF16] = dataclasses.replace(bf16, k=k)
+  return dataclasses.replace(cache, pools=tuple(pools))
+
+
 def _read_bytes(table, kv, stored_precision, num_prompt_pages):
   """f32[batch]: bytes a layer's step reads (stored formats; `stored_precision` overrides the
   full prompt pages' format for emulated storage)."""
@@ -246,8 +265,9 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
       if setting.score_channels is None:
         page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
       else:
+        scored = kv if setting.score_copy is None else keys_rounded(kv, setting.score_copy)
         page_scores = scoring.head_relative_scores(
-            scoring.top_channel_page_logits(q, kv, channels=setting.score_channels))
+            scoring.top_channel_page_logits(q, scored, channels=setting.score_channels))
       return router_lib.select_pages(plan, budget=budget, page_scores=page_scores[:, :num_pages])
     return table
 
