@@ -7,7 +7,9 @@ For each (batch, tokens) shape and page size it measures, on the same random dat
     pages (same bytes), XLA gather of those pages + dense attention, and this library's
     implementation with the pages stored in BF16, INT8, FP8, INT4 or a mix,
   * with --traces, tables routed from the synthetic agentic traces of that length,
-  * with --query_selection, what choosing pages by the query costs (`select_pages`).
+  * with --query_selection, what choosing pages by the query costs (`select_pages`), ranking
+    pages by their key bounds and, for each of --query_channels, by the key sketch's logits
+    over that many channels (`RouterConfig(query_channels=)`; the cache then keeps a sketch).
 Times are device time per call by default (`timing.device_seconds`: no host dispatch, the L2
 cache flushed before each call, as in a model whose layers read other pages); --timing=wall
 times back-to-back calls from the host instead, as the earliest tables in BENCHMARKS.md were.
@@ -63,6 +65,8 @@ _QUERY_SELECTION = flags.DEFINE_bool(
     "query_selection", True, "Also time query-aware page selection (scoring.page_scores per bound "
     "implementation, route, and both inside a step of --mesh_layers layers) with a budget of the "
     "first selection's pages, on the agentic trace layout.")
+_QUERY_CHANNELS = flags.DEFINE_list(
+    "query_channels", ["16"], "Channels the key-sketch scores read, for --query_selection rows.")
 _MESH = flags.DEFINE_list("mesh", [], "Mesh shapes, heads x pages devices, for sharded rows.")
 _MESH_LAYERS = flags.DEFINE_integer(
     "mesh_layers", 8, "Mesh and query-selection rows also time this many decode calls (different "
@@ -88,13 +92,15 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this J
 
 
 def select_pages(record, cache, q, fraction, kernel_seconds, measure):
-  """Times query-aware selection over `cache` (every page mapped) on the agentic trace layout,
-  with a budget of `fraction` of the pages: the page scores from each bound implementation, the
-  route alone, the page-level selection alone (`select_pages` on a plan), scores + route; then,
-  as inside a model step, --mesh_layers layers in one jitted call (each its own query): decode
-  alone over tables routed beforehand vs one `plan_query` and, per layer, scores + select_pages +
-  decode; their difference per layer is what selection adds to a step (of which the scores: the
-  same step with the scores computed but the tables given)."""
+  """Times query-aware selection over `cache` (every page mapped, with a key sketch) on the
+  agentic trace layout, with a budget of `fraction` of the pages: the route alone and the
+  page-level selection alone (`select_pages` on a plan) from given scores; then for the key
+  bounds and for the key sketch at each of --query_channels: the page scores from each
+  implementation (checked against the reference's), scores + route, and, as inside a model
+  step, --mesh_layers layers in one jitted call (each its own query): decode alone over tables
+  routed beforehand vs one `plan_query` and, per layer, scores + select_pages + decode; their
+  difference per layer is what selection adds to a step (of which the scores: the same step
+  with the scores computed but the tables given)."""
   c = cache.config
   batch, num_tokens, page_size = c.max_seqs, c.max_seq_len, c.page_size
   layout = traces.agentic_batch([num_tokens] * batch, seed=1).unnamed()
@@ -102,41 +108,54 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   config = router.RouterConfig(page_size=page_size, recent_tokens=1024)
   budget = jnp.int32(round(fraction * num_tokens / page_size))
   # The layout, lengths and budget are arguments, not constants: XLA would fold the plan.
-  routed = lambda q, cache, layout, lengths, budget: router.route(
-      layout, lengths, config, query=q, cache=cache, budget=budget)
   step_inputs = (layout, lengths, budget)
-  bounds_bytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
-                  cache_lib.SUMMARY_BYTES_PER_CHANNEL)
   extra = lambda seconds: ({} if kernel_seconds is None else
                            dict(pct_of_kernel=100 * seconds / kernel_seconds))
-  reference_scores = jax.jit(functools.partial(scoring.page_scores, implementation="reference"))
-  expected = reference_scores(q, cache)
-  for name in scoring.BOUND_IMPLEMENTATIONS:
-    scores = jax.jit(functools.partial(scoring.page_scores, implementation=name))
-    try:
-      max_diff = float(jnp.max(jnp.where(jnp.isfinite(expected),
-                                         jnp.abs(scores(q, cache) - expected), 0.0)))
-    except NotImplementedError:
-      continue
-    seconds = measure(scores, q, cache)
-    record(f"query page scores ({name})", batch, num_tokens, page_size, str(fraction), "bounds",
-           seconds, bounds_bytes, 0, max_abs_diff=max_diff, **extra(seconds))
+  given = jax.jit(scoring.page_scores)(q, cache)
   route_only = jax.jit(lambda scores, layout, lengths, budget: router.route(
       layout, lengths, config, page_scores=scores, budget=budget))
-  seconds = measure(route_only, expected, *step_inputs)
+  seconds = measure(route_only, given, *step_inputs)
   record("route(page_scores)", batch, num_tokens, page_size, str(fraction), "-", seconds, 0, 0,
          **extra(seconds))
   plan = router.plan_query(layout, lengths, config)
   select_only = jax.jit(lambda plan, scores, budget: router.select_pages(
       plan, page_scores=scores, budget=budget))
-  seconds = measure(select_only, plan, expected, budget)
+  seconds = measure(select_only, plan, given, budget)
   record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
          seconds, 0, 0, **extra(seconds))
-  seconds = measure(jax.jit(routed), q, cache, *step_inputs)
-  record("query page scores + route", batch, num_tokens, page_size, str(fraction), "bounds",
-         seconds, bounds_bytes, 0, **extra(seconds))
+  pages = batch * c.max_pages_per_seq * c.num_kv_heads
+  for channels in [None] + [int(r) for r in _QUERY_CHANNELS.value]:
+    if channels is None:
+      source, implementations = "bounds", scoring.BOUND_IMPLEMENTATIONS
+      nbytes = pages * c.head_dim * cache_lib.SUMMARY_BYTES_PER_CHANNEL
+    else:
+      source, implementations = f"sketch{channels}", scoring.SKETCH_IMPLEMENTATIONS
+      nbytes = pages * channels * (page_size // 2 + 4)  # INT4 codes and a float32 scale.
+    scorer = lambda name: jax.jit(functools.partial(scoring.page_scores, channels=channels,
+                                                    implementation=name))
+    expected = scorer("reference")(q, cache)
+    for name in implementations:
+      try:
+        max_diff = float(jnp.max(jnp.where(jnp.isfinite(expected),
+                                           jnp.abs(scorer(name)(q, cache) - expected), 0.0)))
+      except NotImplementedError:
+        continue
+      seconds = measure(scorer(name), q, cache)
+      record(f"query page scores ({name})", batch, num_tokens, page_size, str(fraction), source,
+             seconds, nbytes, 0, max_abs_diff=max_diff, **extra(seconds))
+    step_config = dataclasses.replace(config, query_channels=channels)
+    routed = lambda q, cache, layout, lengths, budget, step_config=step_config: router.route(
+        layout, lengths, step_config, query=q, cache=cache, budget=budget)
+    seconds = measure(jax.jit(routed), q, cache, *step_inputs)
+    record("query page scores + route", batch, num_tokens, page_size, str(fraction), source,
+           seconds, nbytes, 0, **extra(seconds))
+    in_step_row(record, cache, q, routed, step_config, step_inputs, source, measure)
 
-  # A model step: the plan once, then per layer its query's scores, selection and decode.
+
+def in_step_row(record, cache, q, routed, config, step_inputs, source, measure):
+  """A model step of --mesh_layers layers: the plan once, then per layer its query's scores,
+  selection and decode, against decode alone over tables routed beforehand."""
+  c = cache.config
   decode_layer = functools.partial(attention.decode_attention,
                                    implementation=_IMPLEMENTATION.value)
   queries = jax.random.normal(jax.random.key(2), (_MESH_LAYERS.value,) + q.shape, q.dtype)
@@ -153,7 +172,8 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   in_step = jax.jit(in_step)
   # The scores alone inside the step (kept live as an output), to split selection's cost.
   scores_and_decode = jax.jit(lambda qs, cache, tables: jax.lax.map(
-      lambda x: (decode_layer(x[0], cache, x[1]), scoring.page_scores(x[0], cache)),
+      lambda x: (decode_layer(x[0], cache, x[1]),
+                 scoring.page_scores(x[0], cache, channels=config.query_channels)),
       (qs, tables)))
   same = report.relative_error(in_step(queries, cache, *step_inputs),
                                decode_only(queries, cache, tables))
@@ -162,8 +182,9 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   scored_us = 1e6 * measure(scores_and_decode, queries, cache, tables) / layers
   step_us = 1e6 * measure(in_step, queries, cache, *step_inputs) / layers
   read = float(jnp.mean(tables.num_pages)) / c.max_pages_per_seq
-  record("per layer: scores + select + decode", batch, num_tokens, page_size, f"{read:.3f}",
-         "bf16", step_us / 1e6, 0, 0, rel_err_vs_routed_before=same, decode_only_us=decode_us,
+  record(f"per layer: scores + select + decode ({source})", c.max_seqs, c.max_seq_len,
+         c.page_size, f"{read:.3f}", "bf16", step_us / 1e6, 0, 0,
+         rel_err_vs_routed_before=same, decode_only_us=decode_us,
          selection_us=step_us - decode_us, of_which_scores_us=scored_us - decode_us,
          selection_pct_of_decode=100 * (step_us - decode_us) / decode_us)
 
@@ -300,7 +321,8 @@ def main(argv):
           table = decode_inputs.selection_table(rng, batch, num_tokens, page_size,
                                                 float(selection),
                                                 decode_inputs.precision_picker(storage))
-          cache = decode_inputs.stored_cache(k, v, table, page_size)
+          sketch = _QUERY_SELECTION.value and s_index == 0 and storage == "bf16"
+          cache = decode_inputs.stored_cache(k, v, table, page_size, key_sketch=sketch)
           stored, slots = cache_lib.lookup(cache, table)
           nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
           keys = int(jnp.sum(table.num_pages)) * page_size // batch

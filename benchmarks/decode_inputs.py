@@ -39,9 +39,9 @@ def precision_picker(name):
   return lambda rng, shape: np.full(shape, int(NAMED[name]))
 
 
-def stored_cache(k, v, table, page_size):
+def stored_cache(k, v, table, page_size, key_sketch=False):
   """A cache holding k, v (BF16 pool) with the table's pages moved to their precisions; it has
-  pools for the formats the table asks for only."""
+  pools for the formats the table asks for only (and a key sketch if asked)."""
   batch, num_tokens, num_kv_heads, head_dim = k.shape
   in_table = np.arange(table.max_pages) < np.asarray(table.num_pages)[:, None]
   formats = set(np.asarray(table.precisions)[in_table].tolist()) - {int(Precision.BF16)}
@@ -49,7 +49,7 @@ def stored_cache(k, v, table, page_size):
   pool_pages.update({Precision(f): table.max_pages * batch for f in formats})
   config = cache_lib.CacheConfig(
       num_kv_heads=num_kv_heads, head_dim=head_dim, max_seqs=batch, max_seq_len=num_tokens,
-      page_size=page_size, pool_pages=pool_pages)
+      page_size=page_size, pool_pages=pool_pages, key_sketch=key_sketch)
   cache = cache_lib.prefill(cache_lib.create(config), k, v, jnp.full((batch,), num_tokens))
   return cache_lib.apply_precision(cache, table)
 

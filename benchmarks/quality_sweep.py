@@ -69,9 +69,8 @@ def query_settings() -> list[quality.Setting]:
                           scores="query", exact_page_scores=True),
           quality.Setting("no intent scores, query logits on 4 of 32 channels, 25% pages",
                           by_query, scores="query", score_channels=4),
-          quality.Setting("no intent scores, 4 of 32 channels of an INT4 K copy, 25% pages",
-                          by_query, scores="query", score_channels=4,
-                          score_copy=Precision.INT4)]
+          quality.Setting("no intent scores, 4 of 32 channels of the INT4 key sketch, 25% pages",
+                          by_query, scores="query", score_channels=4, score_sketch=True)]
 
 
 def prefetch_rows(model, examples, task, steps: int) -> list[dict]:

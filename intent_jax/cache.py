@@ -11,6 +11,12 @@ The K/V split of scales is KIVI's: keys have outlier channels, so a scale per ch
 from flattening every other channel; values are spread per token. The BF16 pool stores values in
 the cache's `dtype` (bfloat16 by default, float32 where a test needs exact storage).
 
+With `CacheConfig(key_sketch=True)` the cache also keeps a `KeySketch`: K again, in INT4 and
+channel-major, indexed by sequence and logical page rather than by pool slot, so that reading a
+few channels of every page of a sequence reads contiguous bytes (query-aware scoring,
+`scoring.sketch_page_logits`). It is quantized from the keys as written (one scale per channel of
+a page), rewritten for every page a write touches, and not changed by `apply_precision`.
+
 Each sequence maps its logical pages (token t lives in page t // page_size) to a (pool, slot).
 Free slots of a pool form a stack. New tokens are always written to BF16 pages; `apply_precision`
 moves full pages to lower formats (downgrades only) and frees their old slots.
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from intent_jax import quant
-from intent_jax.precision import NUM_PRECISIONS, Precision, page_bytes
+from intent_jax.precision import NUM_PRECISIONS, SCALE_BYTES, Precision, page_bytes
 from intent_jax.page_table import PageTable
 from intent_jax.validation import is_int, is_traced, require_positive_ints
 
@@ -55,6 +61,8 @@ class CacheConfig:
     pool_pages: pages per pool, as a mapping {Precision: pages} or a tuple in Precision order.
       Default: a BF16 pool holding every page of every sequence and no quantized pools.
     dtype: storage dtype of the BF16 pool: "bfloat16", "float16" or "float32".
+    key_sketch: also keep the INT4 channel-major copy of K (`KeySketch`) for query-aware page
+      scoring: `key_sketch_bytes` more memory (+19% of a BF16 page at head_dim 128, page 16).
   """
 
   num_kv_heads: int
@@ -64,6 +72,7 @@ class CacheConfig:
   page_size: int = 16
   pool_pages: tuple[int, ...] | Mapping | None = None
   dtype: str = "bfloat16"
+  key_sketch: bool = False
 
   def __post_init__(self):
     require_positive_ints(self, ("num_kv_heads", "head_dim", "max_seqs", "max_seq_len"))
@@ -93,6 +102,8 @@ class CacheConfig:
     if dtype not in _FULL_DTYPES:
       raise ValueError(f"dtype={self.dtype!r} must be one of {_FULL_DTYPES}")
     object.__setattr__(self, "dtype", dtype)
+    if not isinstance(self.key_sketch, bool):
+      raise TypeError(f"key_sketch must be a bool, got {self.key_sketch!r}")
 
   @property
   def max_pages_per_seq(self) -> int:
@@ -103,6 +114,15 @@ class CacheConfig:
     full_bytes = jnp.dtype(self.dtype).itemsize
     per_head = page_bytes(precision, self.page_size, self.head_dim, full_value_bytes=full_bytes)
     return self.num_kv_heads * (per_head + SUMMARY_BYTES_PER_CHANNEL * self.head_dim)
+
+  @property
+  def key_sketch_bytes(self) -> int:
+    """Bytes of the key sketch (0 without one): per kv head, sequence and logical page, INT4
+    codes of the page's keys and a float32 scale per channel."""
+    if not self.key_sketch:
+      return 0
+    per_page = self.head_dim * (self.page_size // 2 + SCALE_BYTES)
+    return self.num_kv_heads * self.max_seqs * self.max_pages_per_seq * per_page
 
 
 @functools.partial(
@@ -129,9 +149,49 @@ class Pool:
     return self.free_slots.shape[0]
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeySketch:
+  """K of every sequence's logical pages in INT4, channel-major (see the module docstring).
+
+  Attributes:
+    codes: u8[num_kv_heads, head_dim, max_seqs, max_pages_per_seq, page_size // 2], the keys of
+      a (head, channel, sequence, page) packed along the page's tokens (`quant.pack_int4`).
+    scale: f32[num_kv_heads, head_dim, max_seqs, max_pages_per_seq], one per channel of a page:
+      key = code * scale. Tokens not written read as 0.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+
+
+SKETCH_PRECISION = Precision.INT4
+
+
+def empty_sketch(config: CacheConfig) -> KeySketch | None:
+  """The key sketch of an empty cache (zeros), or None when `config` keeps none."""
+  if not config.key_sketch:
+    return None
+  c = config
+  shape = (c.num_kv_heads, c.head_dim, c.max_seqs, c.max_pages_per_seq)
+  return KeySketch(codes=jnp.zeros(shape + (c.page_size // 2,), jnp.uint8),
+                   scale=jnp.zeros(shape, jnp.float32))
+
+
+def _sketch_pages(pages, stored):
+  """(codes, scale) of `KeySketch` for K pages [H, *S, page_size, head_dim] whose tokens
+  `stored` (bool[*S, page_size]) hold keys: [H, head_dim, *S, page_size // 2] and
+  [H, head_dim, *S]."""
+  keys = jnp.where(stored[None, ..., None], pages.astype(jnp.float32), 0.0)
+  keys = jnp.moveaxis(keys, -1, 1)  # [H, D, *S, page_size]
+  quantized = quant.quantize(keys, SKETCH_PRECISION, -1)
+  return quantized.data, quantized.scale[..., 0]
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["pools", "page_pool", "page_slot", "lengths", "overflow"],
+    data_fields=["pools", "page_pool", "page_slot", "lengths", "overflow", "key_sketch"],
     meta_fields=["config"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,6 +205,7 @@ class KVCache:
     page_slot: i32[max_seqs, max_pages_per_seq], the slot in that pool, UNMAPPED if none.
     lengths: i32[max_seqs], tokens each sequence holds.
     overflow: bool[max_seqs], a write for the sequence was refused (out of pages or too long).
+    key_sketch: KeySketch, or None unless config.key_sketch.
     config: static CacheConfig.
   """
 
@@ -153,6 +214,7 @@ class KVCache:
   page_slot: jax.Array
   lengths: jax.Array
   overflow: jax.Array
+  key_sketch: KeySketch | None
   config: CacheConfig
 
 
@@ -187,6 +249,7 @@ def create(config: CacheConfig) -> KVCache:
       page_slot=unmapped(),
       lengths=jnp.zeros(config.max_seqs, jnp.int32),
       overflow=jnp.zeros(config.max_seqs, jnp.bool_),
+      key_sketch=empty_sketch(config),
       config=config,
   )
 
@@ -317,12 +380,10 @@ def plan_write(cache: KVCache, counts):
   return fits, granted, demand, taken_before
 
 
-def _key_bounds(pages, page_ids, lengths):
-  """Channel-wise min and max over the stored tokens of pages [H, B, K, ps, D] at logical
-  page_ids [B, K] of sequences of `lengths` [B], as stored (`stored_bounds`): [H, B, K, D] each."""
-  ps = pages.shape[-2]
-  positions = page_ids[..., None] * ps + jnp.arange(ps)
-  stored = (positions < lengths[:, None, None])[None, ..., None]
+def _key_bounds(pages, stored):
+  """Channel-wise min and max over the `stored` (bool[B, K, ps]) tokens of pages
+  [H, B, K, ps, D], as stored (`stored_bounds`): [H, B, K, D] each."""
+  stored = stored[None, ..., None]
   values = pages.astype(jnp.float32)
   return stored_bounds(jnp.min(jnp.where(stored, values, jnp.inf), axis=-2),
                        jnp.max(jnp.where(stored, values, -jnp.inf), axis=-2))
@@ -394,7 +455,16 @@ def write_tokens(cache: KVCache, k, v, counts, agree=None):
   touched_page = first_touched[:, None] + nth
   touched = (counts[:, None] > 0) & (touched_page <= (lengths[:, None] - 1) // ps)
   touched_slot = page_slot[rows, jnp.clip(touched_page, 0, max_pages - 1)]
-  key_min, key_max = _key_bounds(pool_k[:, touched_slot], touched_page, lengths)
+  touched_k = pool_k[:, touched_slot]
+  touched_positions = touched_page[..., None] * ps + jnp.arange(ps)
+  stored = touched_positions < lengths[:, None, None]  # [B, K, ps]
+  key_min, key_max = _key_bounds(touched_k, stored)
+  sketch = cache.key_sketch
+  if sketch is not None:
+    codes, scale = _sketch_pages(touched_k, stored)
+    page = jnp.where(touched, touched_page, max_pages)  # Out of range: dropped.
+    sketch = KeySketch(codes=sketch.codes.at[:, :, rows, page].set(codes, mode="drop"),
+                       scale=sketch.scale.at[:, :, rows, page].set(scale, mode="drop"))
   touched_slot = jnp.where(touched, touched_slot, pool.num_pages)
   pool = dataclasses.replace(
       pool, k=pool_k, v=pool_v,
@@ -403,7 +473,8 @@ def write_tokens(cache: KVCache, k, v, counts, agree=None):
       num_free=pool.num_free - jnp.sum(demand, dtype=jnp.int32))
   pools = tuple(pool if p == Precision.BF16 else cache.pools[p] for p in Precision)
   cache = dataclasses.replace(cache, pools=pools, page_pool=page_pool, page_slot=page_slot,
-                              lengths=lengths, overflow=cache.overflow | ~served)
+                              lengths=lengths, overflow=cache.overflow | ~served,
+                              key_sketch=sketch)
   return cache, served
 
 

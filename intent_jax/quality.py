@@ -127,9 +127,8 @@ class Setting:
       instead of the key-bound scores.
     score_channels: for scores="query", rank pages by their largest logit over this many
       channels (`scoring.top_channel_page_logits`) instead of the key-bound scores.
-    score_copy: with score_channels, the estimate reads K rounded through this quantized format
-      (one scale per channel of a page, as the cache stores K), which is what a channel-major
-      copy of K kept in that format would hold; None: K as the cache stores it.
+    score_sketch: with score_channels, the estimate reads the cache's INT4 key sketch
+      (`scoring.sketch_page_logits`: only the chosen channels) instead of K as stored.
     skip_answer: the answer's document is SKIPped (the negative control).
     skip_as_attend: SKIP blocks are ATTEND blocks with score 0 (with score_threshold 0: every page
       is read, each in the precision its score gives: the policy's mixed precision).
@@ -147,7 +146,7 @@ class Setting:
   page_budget: float = 0.25
   exact_page_scores: bool = False
   score_channels: int | None = None
-  score_copy: Precision | None = None
+  score_sketch: bool = False
   skip_answer: bool = False
   skip_as_attend: bool = False
   storage: Precision | None = None
@@ -170,10 +169,8 @@ class Setting:
         raise ValueError("score_channels is for scores='query' without exact_page_scores")
       if not is_int(self.score_channels) or self.score_channels < 1:
         raise ValueError(f"score_channels={self.score_channels!r} must be None or an int >= 1")
-    if self.score_copy is not None and (self.score_channels is None or
-                                        self.score_copy not in quant.QMAX):
-      raise ValueError(f"score_copy={self.score_copy!r} needs score_channels and a quantized "
-                       f"Precision ({', '.join(p.name for p in quant.QMAX)})")
+    if self.score_sketch and self.score_channels is None:
+      raise ValueError("score_sketch needs score_channels")
     if self.router is not None and not isinstance(self.router, router_lib.RouterConfig):
       raise TypeError(f"router must be a RouterConfig or None, got {type(self.router).__name__}")
 
@@ -221,17 +218,6 @@ def _emulated_storage(config: cache_lib.CacheConfig, k, v, lengths, precision: P
   return cache_lib.prefill(cache_lib.create(config), k, v, lengths)
 
 
-def keys_rounded(cache: cache_lib.KVCache, precision: Precision) -> cache_lib.KVCache:
-  """`cache` with its BF16 pool's K rounded through the quantized `precision`, one scale per
-  channel of a page (over all of a page's slots, written or not): what a copy of K kept in that
-  format would give a reader. V and the other pools are unchanged."""
-  pools = list(cache.pools)
-  bf16 = pools[Precision.BF16]
-  k = quant.fake_quant(bf16.k, precision, cache_lib.K_SCALE_AXIS)
-  pools[Precision.BF16] = dataclasses.replace(bf16, k=k)
-  return dataclasses.replace(cache, pools=tuple(pools))
-
-
 def _read_bytes(table, kv, stored_precision, num_prompt_pages):
   """f32[batch]: bytes a layer's step reads (stored formats; `stored_precision` overrides the
   full prompt pages' format for emulated storage)."""
@@ -262,12 +248,13 @@ def _layer_router(setting: Setting, route_config, layout, lengths, means=None):
       scores = scoring.block_cosine_scores(q, means[layer], layout, lengths)
       return router_lib.route(layout, lengths, route_config, scores=scores)
     if setting.scores == "query":
-      if setting.score_channels is None:
-        page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
-      else:
-        scored = kv if setting.score_copy is None else keys_rounded(kv, setting.score_copy)
+      if setting.score_sketch:
+        page_scores = scoring.page_scores(q, kv, channels=setting.score_channels)
+      elif setting.score_channels is not None:
         page_scores = scoring.head_relative_scores(
-            scoring.top_channel_page_logits(q, scored, channels=setting.score_channels))
+            scoring.top_channel_page_logits(q, kv, channels=setting.score_channels))
+      else:
+        page_scores = scoring.page_scores(q, kv, exact=setting.exact_page_scores)
       return router_lib.select_pages(plan, budget=budget, page_scores=page_scores[:, :num_pages])
     return table
 
@@ -353,13 +340,13 @@ def _contiguous_kv(caches):
 
 
 def _base_caches(model: Decoder, examples: tasks.RecallExamples, page_size: int, back: int = 0):
-  """BF16 paged caches per layer holding each context up to (not including) the token `back`
-  tokens before its question key, and their contiguous f32 (K, V) per layer."""
+  """BF16 paged caches per layer (with key sketches) holding each context up to (not including)
+  the token `back` tokens before its question key, and their contiguous f32 (K, V) per layer."""
   c = model.config
   seq_len = examples.task.seq_len
   all_pages = len(examples) * -(-seq_len // page_size)
   caches = create_caches(c, max_seqs=len(examples), max_seq_len=seq_len, page_size=page_size,
-                         pool_pages={p: all_pages for p in Precision})
+                         pool_pages={p: all_pages for p in Precision}, key_sketch=True)
   graphdef, params = nnx.split(model)
   lengths = examples.answer_positions[:, 0] - back
   prompts = jnp.asarray(examples.tokens[:, :int(lengths.max())])

@@ -74,6 +74,9 @@ class RouterConfig:
     eight_bit_min_score: effective ATTEND score from which a block gets `eight_bit_format`;
       below it, INT4.
     eight_bit_format: Precision.INT8 or Precision.FP8.
+    query_channels: query mode ranks ATTEND pages by `scoring.sketch_page_logits` over this
+      many channels (an estimate from the cache's key sketch: CacheConfig(key_sketch=True));
+      None: by the key bounds (`scoring.page_upper_bounds`).
   """
 
   page_size: int = 16
@@ -85,6 +88,7 @@ class RouterConfig:
   bf16_min_score: float = 0.75
   eight_bit_min_score: float = 0.5
   eight_bit_format: Precision = Precision.INT8
+  query_channels: int | None = None
 
   def __post_init__(self):
     ps = self.page_size
@@ -114,6 +118,9 @@ class RouterConfig:
     if eight not in (Precision.INT8, Precision.FP8):
       raise ValueError(f"eight_bit_format={eight.name} must be INT8 or FP8")
     object.__setattr__(self, "eight_bit_format", eight)
+    qc = self.query_channels
+    if qc is not None and (not is_int(qc) or qc < 1):
+      raise ValueError(f"query_channels={qc!r} must be None or an int >= 1")
 
   def table_capacity(self, num_tokens: int) -> int:
     """Pages a table holds for a layout of `num_tokens` tokens."""
@@ -504,11 +511,12 @@ def _selection_kernel(name: str, num_pages: int):
   return functools.partial(kernel.select_pages, interpret=name == "pallas_gpu_interpret")
 
 
-@functools.partial(jax.jit, static_argnames=("num_pages",))
-def _query_page_scores(query, cache, *, num_pages: int):
-  """f32[batch, num_pages]: `scoring.page_scores`, cut or padded (-inf) to the layout's pages."""
+@functools.partial(jax.jit, static_argnames=("num_pages", "channels"))
+def _query_page_scores(query, cache, *, num_pages: int, channels: int | None):
+  """f32[batch, num_pages]: `scoring.page_scores` (from the key sketch over `channels` channels,
+  or from the key bounds), cut or padded (-inf) to the layout's pages."""
   score = sharded.page_scores if isinstance(cache, sharded.ShardedKVCache) else scoring.page_scores
-  page_scores = score(query, cache)[:, :num_pages]
+  page_scores = score(query, cache, channels=channels)[:, :num_pages]
   missing = num_pages - page_scores.shape[1]
   return jnp.pad(page_scores, ((0, 0), (0, missing)), constant_values=-jnp.inf)
 
@@ -529,8 +537,9 @@ def route(
 
   Block mode (no `query`, no `page_scores`): ATTEND blocks are kept by score, threshold and
   `max_pages` (module docstring). Query mode: every ATTEND page competes; the forced pages come
-  first, then the ATTEND pages whose `scoring.page_scores` bound (from `query` and the `cache`'s
-  per-page key bounds) is highest, until the table holds `budget` pages; ATTEND tokens on any
+  first, then the ATTEND pages whose `scoring.page_scores` (from `query` and the `cache`'s
+  per-page key bounds, or its key sketch with `config.query_channels`) is highest, until the
+  table holds `budget` pages; ATTEND tokens on any
   selected page are attended, SKIP tokens never. Scores then only set precision.
 
   Args:
@@ -648,7 +657,11 @@ def _query_mode_inputs(batch, num_pages, config, query, cache, budget, page_scor
           f" and layout, got page_size={cache.config.page_size}, max_seqs={cache.config.max_seqs}")
     query = jnp.asarray(query)
     scoring.check_query(query, cache.config)
-    page_scores = _query_page_scores(query, cache, num_pages=num_pages)
+    if config.query_channels is not None:
+      sketch = (cache.shards if isinstance(cache, sharded.ShardedKVCache) else cache).key_sketch
+      scoring.check_sketch_scoring(sketch, config.query_channels, cache.config.head_dim)
+    page_scores = _query_page_scores(query, cache, num_pages=num_pages,
+                                     channels=config.query_channels)
   if budget is None:
     budget = config.table_capacity(num_pages * config.page_size)
   budget = jnp.asarray(budget)

@@ -8,6 +8,9 @@
   `route(..., query=...)` ranks ATTEND pages by.
 * `top_channel_page_logits`: an estimate instead of a bound, each page's largest logit over the
   channels where the query is largest (combined over heads by `head_relative_scores`).
+* `sketch_page_logits`: that estimate read from the cache's INT4 channel-major key sketch
+  (`CacheConfig(key_sketch=True)`), which stores those channels contiguously: r of head_dim
+  channels cost about r / head_dim of the sketch's bytes.
 """
 
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 
 from intent_jax import cache as cache_lib
 from intent_jax import dispatch
+from intent_jax import quant
 from intent_jax.layout import BlockLayout, token_block_ids
 
 
@@ -105,14 +109,25 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
   check_query(q, cache.config)
-  if implementation is None:
-    names = DEFAULT_BOUND_ORDER.get(jax.default_backend(), ("reference",))
-  elif implementation in BOUND_IMPLEMENTATIONS:
-    names = (implementation,)
-  else:
-    raise ValueError(
-        f"implementation={implementation!r} must be None or one of {BOUND_IMPLEMENTATIONS}")
+  names = _implementations(implementation, DEFAULT_BOUND_ORDER, BOUND_IMPLEMENTATIONS)
   return dispatch.first_supported(names, lambda name: _bound_kernel(name)(q, cache, scale=scale))
+
+
+def _implementations(implementation, default_order, known):
+  """The implementation names to try: `implementation` alone, or the platform's default order."""
+  if implementation is None:
+    return default_order.get(jax.default_backend(), ("reference",))
+  if implementation in known:
+    return (implementation,)
+  raise ValueError(f"implementation={implementation!r} must be None or one of {known}")
+
+
+def _on_platform(name: str) -> str:
+  """The platform a "pallas_<platform>" implementation runs on; NotImplementedError elsewhere."""
+  platform = name.removeprefix("pallas_")
+  if jax.default_backend() != platform:
+    raise NotImplementedError(f"{name} runs on {platform.upper()}s")
+  return platform
 
 
 def _bound_kernel(name: str):
@@ -120,10 +135,7 @@ def _bound_kernel(name: str):
   package)."""
   if name == "reference":
     return reference_page_upper_bounds
-  platform = name.removeprefix("pallas_")
-  if jax.default_backend() != platform:
-    raise NotImplementedError(f"{name} runs on {platform.upper()}s")
-  if platform == "gpu":
+  if _on_platform(name) == "gpu":
     from pallas_kernels.gpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
   else:
     from pallas_kernels.tpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
@@ -160,13 +172,95 @@ def top_channel_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels:
                             scale=None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: `page_max_logits` with each logit taken over
   `channels` channels only: per sequence and kv head, those where the group's |q| (summed over
-  its query heads and tokens) is largest (ties: every tied channel counts). An estimate, not a
-  bound (SparQ's selection step): a page can score above or below its true largest logit. It
-  reads `channels / head_dim` of every key; here in jax.numpy over the dequantized cache."""
-  head_dim = cache.config.head_dim
+  its query heads and tokens) is largest (`top_query_channels`). An estimate, not a bound
+  (SparQ's selection step): a page can score above or below its true largest logit. It reads
+  `channels / head_dim` of every key; here in jax.numpy over the dequantized cache (see
+  `sketch_page_logits` for the version that reads only those channels)."""
+  _check_channels(channels, cache.config.head_dim)
+  return _page_max_logits(q, cache, scale=scale, channels=channels)
+
+
+SKETCH_IMPLEMENTATIONS = ("reference", "pallas_gpu")
+DEFAULT_SKETCH_ORDER = {"gpu": ("pallas_gpu", "reference")}
+
+
+def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int, scale=None,
+                       implementation: str | None = None) -> jax.Array:
+  """f32[batch, max_pages_per_seq, num_kv_heads]: `top_channel_page_logits` with the keys read
+  from the cache's key sketch (INT4, one scale per channel of a page) instead of the pages:
+  per page and kv head, the largest logit over the page's stored tokens, the group's query heads
+  and tokens, taken over the `channels` channels `top_query_channels` picks; -inf for pages with
+  no stored token. An estimate for ranking pages, not a bound.
+
+  Args:
+    q: [batch, q_len, num_q_heads, head_dim], batch = the cache's max_seqs.
+    cache: a KVCache made with CacheConfig(key_sketch=True).
+    channels: channels read, in [1, head_dim].
+    scale: logit scale; default 1 / sqrt(head_dim).
+    implementation: one of SKETCH_IMPLEMENTATIONS; default the platform's kernel where it takes
+      the input, else "reference" (pallas_kernels/gpu/sketch_page_logits.py must equal it).
+  """
+  if not isinstance(cache, cache_lib.KVCache):
+    raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
+  check_query(q, cache.config)
+  check_sketch_scoring(cache.key_sketch, channels, cache.config.head_dim)
+  names = _implementations(implementation, DEFAULT_SKETCH_ORDER, SKETCH_IMPLEMENTATIONS)
+  return dispatch.first_supported(
+      names, lambda name: _sketch_kernel(name)(q, cache, channels=channels, scale=scale))
+
+
+def _sketch_kernel(name: str):
+  if name == "reference":
+    return reference_sketch_page_logits
+  _on_platform(name)
+  from pallas_kernels.gpu import sketch_page_logits as kernel  # pylint: disable=g-import-not-at-top
+  return kernel.sketch_page_logits
+
+
+def reference_sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
+                                 scale=None) -> jax.Array:
+  """`sketch_page_logits` in jax.numpy: the answer the kernels must give. Reads only the chosen
+  channels of the sketch (a gather)."""
+  c = cache.config
+  batch, q_len, _, head_dim = q.shape
+  scale = head_dim**-0.5 if scale is None else scale
+  grouped = q.astype(jnp.float32).reshape(batch, q_len, c.num_kv_heads, -1, head_dim)
+  chosen = top_query_channels(grouped, channels)  # [batch, kv_heads, r]
+  q_chosen = jnp.take_along_axis(grouped, chosen[:, None, :, None, :], axis=-1)
+  heads, seqs = jnp.arange(c.num_kv_heads)[None, :, None], jnp.arange(batch)[:, None, None]
+  sketch = cache.key_sketch
+  keys = quant.dequantize(quant.Quantized(  # [batch, kv_heads, r, pages, page_size]
+      sketch.codes[heads, chosen, seqs], sketch.scale[heads, chosen, seqs][..., None],
+      cache_lib.SKETCH_PRECISION))
+  logits = jnp.einsum("bthgr,bhrpk->bpkhgt", q_chosen, keys, precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.max(logits, axis=(-2, -1))  # [batch, pages, page_size, kv_heads]
+  positions = jnp.arange(c.max_pages_per_seq * c.page_size).reshape(c.max_pages_per_seq, -1)
+  stored = positions < cache.lengths[:, None, None]
+  return jnp.max(jnp.where(stored[..., None], logits, -jnp.inf), axis=2) * scale
+
+
+def top_query_channels(grouped_q: jax.Array, channels: int) -> jax.Array:
+  """i32[batch, kv_heads, channels]: per sequence and kv head, the channels where the group's
+  |q| summed over its query heads and tokens is largest, largest first (ties: the lower channel).
+
+  Args:
+    grouped_q: [batch, q_len, num_kv_heads, group, head_dim].
+  """
+  weight = jnp.sum(jnp.abs(grouped_q.astype(jnp.float32)), axis=(1, 3))
+  return jax.lax.top_k(weight, channels)[1].astype(jnp.int32)
+
+
+def _check_channels(channels, head_dim: int) -> None:
   if not isinstance(channels, int) or not 1 <= channels <= head_dim:
     raise ValueError(f"channels={channels!r} must be an int in [1, head_dim={head_dim}]")
-  return _page_max_logits(q, cache, scale=scale, channels=channels)
+
+
+def check_sketch_scoring(key_sketch, channels, head_dim: int) -> None:
+  """Raises ValueError unless a cache has a key sketch and `channels` is in [1, head_dim]."""
+  if key_sketch is None:
+    raise ValueError("scoring from the key sketch needs a cache made with"
+                     " CacheConfig(key_sketch=True)")
+  _check_channels(channels, head_dim)
 
 
 def _page_max_logits(q, cache, *, scale, channels):
@@ -179,9 +273,8 @@ def _page_max_logits(q, cache, *, scale, channels):
   k, _ = cache_lib.dequantized_kv(cache)
   grouped = q.astype(jnp.float32).reshape(batch, q_len, c.num_kv_heads, -1, head_dim)
   if channels is not None:
-    weight = jnp.sum(jnp.abs(grouped), axis=(1, 3))  # [batch, kv_heads, head_dim]
-    cut = jnp.sort(weight, axis=-1)[..., head_dim - channels, None]
-    grouped = jnp.where((weight >= cut)[:, None, :, None, :], grouped, 0.0)
+    chosen = jnp.sum(jax.nn.one_hot(top_query_channels(grouped, channels), head_dim), axis=-2)
+    grouped = jnp.where(chosen[:, None, :, None, :] > 0, grouped, 0.0)
   logits = jnp.einsum("bthgd,bshd->bshgt", grouped, k, precision=jax.lax.Precision.HIGHEST)
   logits = jnp.max(logits, axis=(-2, -1)) * scale
   stored = jnp.arange(k.shape[1]) < cache.lengths[:, None]
@@ -190,17 +283,23 @@ def _page_max_logits(q, cache, *, scale, channels):
 
 
 def page_scores(q: jax.Array, cache: cache_lib.KVCache, *, scale=None, exact: bool = False,
-                implementation: str | None = None) -> jax.Array:
+                channels: int | None = None, implementation: str | None = None) -> jax.Array:
   """f32[batch, max_pages_per_seq]: how much a page can matter to the query, for choosing pages.
 
   Per kv head, the page's logit bound minus the head's largest bound over the sequence's pages
   (<= 0; 0 for the page that may hold the head's largest logit), so that heads with different
   logit scales compare; the score is the maximum over kv heads: a page counts if any head may
   want it. Unmapped pages give -inf. exact=True ranks by `page_max_logits` instead of the bounds
-  (an oracle: it reads every key). `implementation` picks the bound's (`page_upper_bounds`).
+  (an oracle: it reads every key); `channels` by `sketch_page_logits` over that many channels.
+  `implementation` picks the bound's or the sketch's kernel.
   """
+  if exact and channels is not None:
+    raise ValueError("page_scores takes exact=True or channels, not both")
   if exact:
     return head_relative_scores(page_max_logits(q, cache, scale=scale))
+  if channels is not None:
+    return head_relative_scores(sketch_page_logits(q, cache, channels=channels, scale=scale,
+                                                   implementation=implementation))
   return head_relative_scores(page_upper_bounds(q, cache, scale=scale,
                                                 implementation=implementation))
 

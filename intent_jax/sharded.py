@@ -109,8 +109,8 @@ class ShardedKVCache:
 
   Attributes:
     shards: the devices' caches stacked: every leaf [page_shards, ...] split over the pages
-      axis; pool data, scales and key bounds [page_shards, num_kv_heads, ...] also split over the
-      heads axis. Its config is one device's (`local_config`).
+      axis; pool data, scales, key bounds and key sketch [page_shards, num_kv_heads, ...] also
+      split over the heads axis. Its config is one device's (`local_config`).
     lengths: i32[max_seqs], tokens each sequence holds (replicated).
     config: the global CacheConfig (all heads, all pages, all pools).
     mesh, partition: where the shards live.
@@ -169,8 +169,9 @@ def _shard_specs(part: cache_lib.KVCache, partition: Partition):
           v_scale=head_or_none(pool.v_scale), key_min=by_head, key_max=by_head,
           free_slots=by_shard, num_free=by_shard)
       for pool in part.pools)
+  sketch = None if part.key_sketch is None else cache_lib.KeySketch(codes=by_head, scale=by_head)
   return dataclasses.replace(part, pools=pools, page_pool=by_shard, page_slot=by_shard,
-                             lengths=by_shard, overflow=by_shard)
+                             lengths=by_shard, overflow=by_shard, key_sketch=sketch)
 
 
 def _device_part(cache: ShardedKVCache):
@@ -468,16 +469,22 @@ def memory_pressure(cache: ShardedKVCache) -> jax.Array:
 # Scoring and attention.
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
-def _page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("scale", "channels"))
+def _page_values(q, cache: ShardedKVCache, *, scale, channels):
+  """Each device's per-head page values of its own pages and heads, in global page order: key
+  bounds (channels None) or sketch logits over `channels` channels."""
   partition, num_shards = cache.partition, cache.num_page_shards
 
   def body(q, part):
-    bounds = scoring.page_upper_bounds(  # [B, local pages, h]; the kernels are not run
-        q, _unstack(part), scale=scale, implementation="reference")  # under shard_map.
-    bounds = _gather_page_shards(bounds, partition, num_shards)  # [shards, B, local pages, h]
-    bounds = jnp.moveaxis(bounds, 0, 2)
-    return bounds.reshape(bounds.shape[0], -1, bounds.shape[-1])  # Page j * shards + s.
+    local = _unstack(part)  # The kernels are not run under shard_map: "reference".
+    if channels is None:
+      values = scoring.page_upper_bounds(q, local, scale=scale, implementation="reference")
+    else:
+      values = scoring.sketch_page_logits(q, local, channels=channels, scale=scale,
+                                          implementation="reference")
+    values = _gather_page_shards(values, partition, num_shards)  # [shards, B, local pages, h]
+    values = jnp.moveaxis(values, 0, 2)
+    return values.reshape(values.shape[0], -1, values.shape[-1])  # Page j * shards + s.
 
   part, specs = _device_part(cache)
   return _shard_map(
@@ -485,20 +492,36 @@ def _page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
       out_specs=_heads_spec(partition, 3, 2))(q, part)
 
 
+def _check_scoring(q, cache) -> None:
+  if not isinstance(cache, ShardedKVCache):
+    raise TypeError(f"cache must be a ShardedKVCache, got {type(cache).__name__}")
+  scoring.check_query(q, cache.config)
+
+
 def page_upper_bounds(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
   """`scoring.page_upper_bounds` from the shards' key bounds: each device bounds its own pages
   and heads; f32[batch, page_shards * local pages, num_kv_heads] in global page order (pages
   past max_pages_per_seq give -inf)."""
-  if not isinstance(cache, ShardedKVCache):
-    raise TypeError(f"cache must be a ShardedKVCache, got {type(cache).__name__}")
-  scoring.check_query(q, cache.config)
-  return _page_upper_bounds(q, cache, scale=scale)
+  _check_scoring(q, cache)
+  return _page_values(q, cache, scale=scale, channels=None)
 
 
-def page_scores(q, cache: ShardedKVCache, *, scale=None) -> jax.Array:
-  """`scoring.page_scores` of a sharded cache: f32[batch, max_pages_per_seq]."""
-  bounds = page_upper_bounds(q, cache, scale=scale)[:, :cache.config.max_pages_per_seq]
-  return scoring.head_relative_scores(bounds)
+def sketch_page_logits(q, cache: ShardedKVCache, *, channels: int, scale=None) -> jax.Array:
+  """`scoring.sketch_page_logits` from the shards' key sketches, laid out as
+  `page_upper_bounds`."""
+  _check_scoring(q, cache)
+  scoring.check_sketch_scoring(cache.shards.key_sketch, channels, cache.config.head_dim)
+  return _page_values(q, cache, scale=scale, channels=channels)
+
+
+def page_scores(q, cache: ShardedKVCache, *, scale=None, channels: int | None = None) -> jax.Array:
+  """`scoring.page_scores` of a sharded cache: f32[batch, max_pages_per_seq]; with `channels`,
+  from `sketch_page_logits` instead of the key bounds."""
+  if channels is None:
+    values = page_upper_bounds(q, cache, scale=scale)
+  else:
+    values = sketch_page_logits(q, cache, channels=channels, scale=scale)
+  return scoring.head_relative_scores(values[:, :cache.config.max_pages_per_seq])
 
 
 def merge_page_shards(out, lse, partition: Partition, num_shards: int, *, sinks=None):

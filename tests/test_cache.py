@@ -21,11 +21,11 @@ H, D, PS = 2, 8, 16
 B16, FP8, INT8, INT4 = Precision.BF16, Precision.FP8, Precision.INT8, Precision.INT4
 
 
-def _config(max_seqs=3, max_seq_len=160, pools=None, dtype="float32"):
+def _config(max_seqs=3, max_seq_len=160, pools=None, dtype="float32", key_sketch=False):
   pools = pools or {B16: 40, FP8: 12, INT8: 12, INT4: 12}
   return cache_lib.CacheConfig(num_kv_heads=H, head_dim=D, max_seqs=max_seqs,
                                max_seq_len=max_seq_len, page_size=PS, pool_pages=pools,
-                               dtype=dtype)
+                               dtype=dtype, key_sketch=key_sketch)
 
 
 def _kv(seed, batch, tokens):
@@ -77,6 +77,26 @@ def _assert_holds(test, cache, mirror, dtype=np.float32):
       stored = k[b, page * PS:min(n, (page + 1) * PS)]
       _assert_tightest_outward(pool.key_min[:, page_slot[b, page]], stored.min(0), np.inf)
       _assert_tightest_outward(pool.key_max[:, page_slot[b, page]], stored.max(0), -np.inf)
+  if cache.key_sketch is not None:
+    _assert_sketch_holds(test, cache.key_sketch, mirror, dtype)
+
+
+def _assert_sketch_holds(test, sketch, mirror, dtype):
+  """Each written page's keys, per channel, as INT4 codes of absmax / 7 (numpy, by the rule)."""
+  codes, scales = np.asarray(sketch.codes), np.asarray(sketch.scale)
+  nibbles = np.concatenate([codes & 0xF, codes >> 4], axis=-1).astype(np.int32)
+  values = np.where(nibbles >= 8, nibbles - 16, nibbles)  # [H, D, seqs, pages, PS]
+  for b, n in enumerate(mirror.lengths):
+    for page in range(-(-n // PS)):
+      keys = np.zeros((PS, H, D), np.float32)
+      stored = mirror.k[b, page * PS:min(n, (page + 1) * PS)].astype(dtype).astype(np.float32)
+      keys[:len(stored)] = stored
+      scale = scales[:, :, b, page]  # [H, D]
+      np.testing.assert_allclose(scale, np.abs(keys).max(axis=0) / 7, rtol=1e-6,
+                                 err_msg=f"sketch scales of sequence {b}, page {page}")
+      error = np.abs(values[:, :, b, page] * scale[..., None] - keys.transpose(1, 2, 0))
+      test.assertTrue(np.all(error <= scale[..., None] * (0.5 + 1e-5)),  # Nearest code, and
+                      f"sketch codes of sequence {b}, page {page}")  # tokens not stored 0.
 
 
 def _assert_tightest_outward(bound, exact, inward):
@@ -105,9 +125,9 @@ class StoredBoundsTest(absltest.TestCase):
 
 class CacheWriteTest(parameterized.TestCase):
 
-  @parameterized.parameters("float32", "bfloat16")
-  def test_prefill_then_appends_hold_the_contiguous_values(self, dtype):
-    config = _config(dtype=dtype)
+  @parameterized.parameters(("float32", False), ("bfloat16", False), ("bfloat16", True))
+  def test_prefill_then_appends_hold_the_contiguous_values(self, dtype, key_sketch):
+    config = _config(dtype=dtype, key_sketch=key_sketch)
     cache, mirror = cache_lib.create(config), Mirror(3, 160)
     k, v = _kv(0, 3, 64)
     lengths = jnp.asarray([45, 16, 1])
@@ -262,7 +282,7 @@ class PrecisionTest(parameterized.TestCase):
 class ReleaseAndOverflowTest(parameterized.TestCase):
 
   def test_release_and_reuse_leave_other_sequences_intact(self):
-    config = _config()
+    config = _config(key_sketch=True)
     cache, mirror = cache_lib.create(config), Mirror(3, 160)
     k, v = _kv(0, 3, 100)
     cache = cache_lib.prefill(cache, k, v, jnp.asarray([100, 70, 33]))
@@ -278,7 +298,7 @@ class ReleaseAndOverflowTest(parameterized.TestCase):
     _assert_holds(self, cache, mirror)
 
   def test_refused_writes_set_overflow_and_change_nothing(self):
-    config = _config(max_seq_len=64, pools={B16: 6})
+    config = _config(max_seq_len=64, pools={B16: 6}, key_sketch=True)
     cache, mirror = cache_lib.create(config), Mirror(3, 64)
     k, v = _kv(0, 3, 40)
     cache = cache_lib.prefill(cache, k, v, jnp.asarray([40, 30, 0]))  # 3 + 2 pages of 6.
@@ -338,11 +358,12 @@ class ReleaseAndOverflowTest(parameterized.TestCase):
       (dict(pool_pages={7: 3}), "keys \\[7\\] that are not Precisions"),
       (dict(dtype="int8"), "dtype='int8' must be one of"),
       (dict(max_seqs=0), "max_seqs=0 must be a positive int"),
+      (dict(key_sketch=1), "key_sketch must be a bool"),
   )
   def test_bad_config(self, overrides, message):
     args = dict(num_kv_heads=H, head_dim=D, max_seqs=2, max_seq_len=64)
     args.update(overrides)
-    with self.assertRaisesRegex(ValueError, message):
+    with self.assertRaisesRegex((ValueError, TypeError), message):
       cache_lib.CacheConfig(**args)
 
 
@@ -361,6 +382,24 @@ class AccountingAndConsistencyTest(absltest.TestCase):
                            7 * per_page / sum(cache_lib.capacity_bytes(config)), places=6)
     int4_page = H * (2 * PS * D // 2 + 4 * (D + PS) + 4 * D)
     self.assertEqual(config.stored_page_bytes(INT4), int4_page)
+    self.assertEqual(config.key_sketch_bytes, 0)
+    sketched = _config(key_sketch=True)  # INT4 codes and a float32 scale per page channel.
+    self.assertEqual(sketched.key_sketch_bytes, H * D * 3 * 10 * (PS // 2 + 4))
+    sketch = cache_lib.create(sketched).key_sketch
+    self.assertEqual(sketch.codes.nbytes + sketch.scale.nbytes, sketched.key_sketch_bytes)
+    self.assertIsNone(cache.key_sketch)
+
+  def test_key_sketch_is_kept_through_precision_changes(self):
+    """apply_precision moves pages between pools; the sketch, indexed by logical page, stays."""
+    cache, mirror = cache_lib.create(_config(key_sketch=True)), Mirror(3, 160)
+    k, v = _kv(3, 3, 100)
+    cache = cache_lib.prefill(cache, k, v, jnp.asarray([100, 64, 20]))
+    mirror.write(k, v, [100, 64, 20])
+    before = jax.tree.map(np.asarray, cache.key_sketch)
+    cache = cache_lib.apply_precision(cache, _requesting(_all_tokens_table(mirror.lengths), INT4))
+    self.assertGreater(int(cache_lib.pages_in_use(cache)[INT4]), 0)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, cache.key_sketch), before)
+    _assert_sketch_holds(self, cache.key_sketch, mirror, np.float32)
 
   def test_table_for_other_lengths_gives_nan_rows(self):
     k, v = _kv(0, 3, 64)

@@ -1,5 +1,5 @@
 """Tests of intent_jax.scoring: cosine scores against numpy; page logit bounds never below the
-true logits; route in query mode over a real cache."""
+true logits; top-channel logits from the key sketch; route in query mode over a real cache."""
 
 import dataclasses
 
@@ -142,6 +142,69 @@ class PageUpperBoundsTest(parameterized.TestCase):
                                rtol=1e-5)
 
 
+class SketchPageLogitsTest(parameterized.TestCase):
+
+  def _cache(self, k, lengths):
+    config = cache_lib.CacheConfig(num_kv_heads=2, head_dim=16, max_seqs=len(lengths),
+                                   max_seq_len=k.shape[1], pool_pages={p: 64 for p in Precision},
+                                   dtype="float32", key_sketch=True)
+    lengths = jnp.asarray(lengths)
+    cache = cache_lib.prefill(cache_lib.create(config), k, k, lengths)
+    layout = BlockLayout.stack([BlockLayout.from_blocks([], k.shape[1])] * len(lengths))
+    table = route(layout, lengths, RouterConfig(recent_tokens=0))
+    formats = jax.random.randint(jax.random.key(0), table.precisions.shape, 0, len(Precision))
+    return cache_lib.apply_precision(cache, dataclasses.replace(table, precisions=formats))
+
+  def test_matches_numpy_over_the_sketch(self):
+    lengths, q_len, channels = [96, 41, 0], 2, 5
+    k = jax.random.normal(jax.random.key(1), (3, 96, 2, 16)) * jnp.where(
+        jnp.arange(16) == 3, 8.0, 1.0)
+    cache = self._cache(k, lengths)
+    q = jax.random.normal(jax.random.key(2), (3, q_len, 4, 16))
+    got = np.asarray(scoring.sketch_page_logits(q, cache, channels=channels))
+    codes = np.asarray(cache.key_sketch.codes)
+    nibbles = np.concatenate([codes & 0xF, codes >> 4], axis=-1).astype(np.float64)
+    keys = np.where(nibbles >= 8, nibbles - 16, nibbles) * np.asarray(
+        cache.key_sketch.scale, np.float64)[..., None]  # [H, D, B, pages, 16]
+    grouped = np.asarray(q, np.float64).reshape(3, q_len, 2, 2, 16)
+    for b, length in enumerate(lengths):
+      pages = -(-length // 16)
+      for h in range(2):
+        top = np.argsort(-np.abs(grouped[b, :, h]).sum(axis=(0, 1)), kind="stable")[:channels]
+        page_keys = keys[h, top, b].reshape(channels, -1)[:, :length]  # [r, tokens]
+        logits = np.einsum("tgr,rs->stg", grouped[b, :, h][..., top], page_keys)
+        logits = logits.max(axis=(1, 2)) / 4.0
+        expected = [logits[p * 16:(p + 1) * 16].max() for p in range(pages)]
+        np.testing.assert_allclose(got[b, :pages, h], expected, rtol=1e-5, atol=1e-5)
+      self.assertTrue(np.all(np.isneginf(got[b, pages:])))
+
+  def test_every_channel_of_keys_on_the_int4_grid_gives_the_page_max_logit(self):
+    # Integer keys in [-6, 6] with a 7 at some token of every page channel: scale 1, exact.
+    k = jax.random.randint(jax.random.key(3), (2, 64, 2, 16), -6, 7).astype(jnp.float32)
+    k = k.at[:, ::16].set(7.0)
+    cache = self._cache(k, [64, 37])
+    q = jax.random.normal(jax.random.key(4), (2, 1, 4, 16))
+    scale = np.asarray(cache.key_sketch.scale)  # [heads, channels, seqs, pages]
+    np.testing.assert_array_equal(scale[:, :, 0], 1.0)
+    np.testing.assert_array_equal(scale[:, :, 1, :3], 1.0)  # 37 tokens: 3 pages.
+    np.testing.assert_allclose(scoring.sketch_page_logits(q, cache, channels=16),
+                               scoring.page_max_logits(q, cache), rtol=1e-6)
+
+  def test_bad_arguments(self):
+    k = jax.random.normal(jax.random.key(5), (2, 32, 2, 16))
+    cache = self._cache(k, [32, 5])
+    q = jnp.ones((2, 1, 4, 16))
+    with self.assertRaisesRegex(ValueError, "channels=0 must be an int in \\[1, head_dim=16\\]"):
+      scoring.sketch_page_logits(q, cache, channels=0)
+    no_sketch = cache_lib.create(dataclasses.replace(cache.config, key_sketch=False))
+    with self.assertRaisesRegex(ValueError, "key_sketch=True"):
+      scoring.sketch_page_logits(q, no_sketch, channels=4)
+    with self.assertRaisesRegex(NotImplementedError, "pallas_gpu runs on GPUs"):
+      scoring.sketch_page_logits(q, cache, channels=4, implementation="pallas_gpu")
+    with self.assertRaisesRegex(ValueError, "implementation='pallas_tpu'"):
+      scoring.sketch_page_logits(q, cache, channels=4, implementation="pallas_tpu")
+
+
 class QueryRouteTest(parameterized.TestCase):
   """route(..., query=, cache=, budget=) on a cache of random keys."""
 
@@ -154,7 +217,7 @@ class QueryRouteTest(parameterized.TestCase):
 
   def _case(self, seed, lengths=(160, 131)):
     config = cache_lib.CacheConfig(num_kv_heads=2, head_dim=16, max_seqs=len(lengths),
-                                   max_seq_len=160, dtype="float32")
+                                   max_seq_len=160, dtype="float32", key_sketch=True)
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     k = jax.random.normal(kk, (len(lengths), 160, 2, 16))
     v = jax.random.normal(kv, (len(lengths), 160, 2, 16))
@@ -205,15 +268,16 @@ class QueryRouteTest(parameterized.TestCase):
     self.assertTrue(np.all(np.asarray(table.overflow) == (budget < most)))
     self.assertFalse(bool(np.any(table.truncated)))
 
-  def test_budget_picks_the_page_whose_key_matches_the_query(self):
+  @parameterized.parameters(None, 4)
+  def test_budget_picks_the_page_whose_key_matches_the_query(self, query_channels):
     q, k, v, cache, layout, lengths = self._case(2, lengths=(160, 160))
     target = [3, 6]  # A doc_a page and a doc_b page.
     for b, page in enumerate(target):  # One key of the page is 10x the query of both heads.
       k = k.at[b, page * 16 + 5].set(10.0 * q[b, 0, ::2])
     cache = cache_lib.prefill(cache_lib.create(cache.config), k, v, lengths)
     forced = self._forced_pages(lengths)
-    table = route(layout, lengths, self.CONFIG, query=q, cache=cache,
-                  budget=forced.sum(1) + 1)
+    config = dataclasses.replace(self.CONFIG, query_channels=query_channels)
+    table = route(layout, lengths, config, query=q, cache=cache, budget=forced.sum(1) + 1)
     read = np.asarray(page_mask(table, 10))
     np.testing.assert_array_equal(read, forced | (np.arange(10) == np.asarray(target)[:, None]))
     self.assertTrue(bool(np.all(table.overflow)))
@@ -232,6 +296,30 @@ class QueryRouteTest(parameterized.TestCase):
     relative = bounds - bounds.max(axis=1, keepdims=True)
     np.testing.assert_allclose(scores, relative.max(axis=-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.isneginf(scores[1]), np.arange(10) >= 9)  # 131 tokens.
+
+  def test_query_channels_rank_by_the_key_sketch(self):
+    q, _, _, cache, layout, lengths = self._case(6)
+    config = dataclasses.replace(self.CONFIG, query_channels=3)
+    scores = scoring.page_scores(q, cache, channels=3)
+    relative = np.asarray(scoring.sketch_page_logits(q, cache, channels=3))
+    relative = relative - relative.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, relative.max(axis=-1), rtol=1e-6, atol=1e-6)
+    for budget in (4, 6):
+      chex.assert_trees_all_equal(
+          route(layout, lengths, config, query=q, cache=cache, budget=budget),
+          route(layout, lengths, config, page_scores=scores, budget=budget))
+    without = cache_lib.prefill(
+        cache_lib.create(dataclasses.replace(cache.config, key_sketch=False)),
+        *self._case(6)[1:3], lengths)
+    with self.assertRaisesRegex(ValueError, "CacheConfig\\(key_sketch=True\\)"):
+      route(layout, lengths, config, query=q, cache=without, budget=4)
+    with self.assertRaisesRegex(ValueError, "channels=17 must be an int in \\[1, head_dim=16\\]"):
+      route(layout, lengths, dataclasses.replace(config, query_channels=17), query=q,
+            cache=cache, budget=4)
+    with self.assertRaisesRegex(ValueError, "query_channels=0 must be None or an int >= 1"):
+      RouterConfig(query_channels=0)
+    with self.assertRaisesRegex(ValueError, "exact=True or channels"):
+      scoring.page_scores(q, cache, exact=True, channels=3)
 
   def test_traces_once_across_budgets_and_queries(self):
     q, _, _, cache, layout, lengths = self._case(4)

@@ -34,10 +34,10 @@ def _mesh(heads, pages):
   return Mesh(devices, ("heads", "pages"))
 
 
-def _config(pools=None, max_seqs=B):
+def _config(pools=None, max_seqs=B, key_sketch=False):
   return cache_lib.CacheConfig(num_kv_heads=H, head_dim=D, max_seqs=max_seqs,
                                max_seq_len=MAX_LEN, page_size=PS, pool_pages=pools or POOLS,
-                               dtype="float32")
+                               dtype="float32", key_sketch=key_sketch)
 
 
 def _normal(seed, shape):
@@ -63,15 +63,15 @@ def _route(lengths):
   return ij.route(_layout(), jnp.asarray(lengths, jnp.int32), ROUTER)
 
 
-def _both(mesh, pools=None):
+def _both(mesh, pools=None, key_sketch=False):
   """An empty single-device cache and an empty sharded one of the same global config."""
-  config = _config(pools)
+  config = _config(pools, key_sketch=key_sketch)
   return cache_lib.create(config), sharded.create(config, mesh, PARTITION)
 
 
-def _prefilled(mesh, lengths, seed):
+def _prefilled(mesh, lengths, seed, key_sketch=False):
   """Both caches holding the same random tokens, lengths[b] of sequence b."""
-  single, split = _both(mesh)
+  single, split = _both(mesh, key_sketch=key_sketch)
   tokens = max(lengths)
   k, v = _normal(seed, (B, tokens, H, D)), _normal(seed + 1, (B, tokens, H, D))
   lengths = jnp.asarray(lengths)
@@ -129,15 +129,17 @@ class ShardedDecodeTest(parameterized.TestCase):
 
   @parameterized.parameters((2, 4))
   def test_query_mode_route_matches_single_device(self, heads, pages):
-    single, split = _prefilled(_mesh(heads, pages), [200, 97], seed=4)
+    single, split = _prefilled(_mesh(heads, pages), [200, 97], seed=4, key_sketch=True)
     lengths = jnp.array([200, 97])
     q = _normal(6, (B, 2, HQ, D))
-    chex.assert_trees_all_close(sharded.page_scores(q, split), scoring.page_scores(q, single),
-                                atol=1e-5)
     layout = _layout()
-    want = ij.route(layout, lengths, ROUTER, query=q, cache=single, budget=6)
-    got = ij.route(layout, lengths, ROUTER, query=q, cache=split, budget=6)
-    chex.assert_trees_all_equal(got, want)
+    for channels in (None, 3):  # Key bounds, then the key sketch's top-channel logits.
+      chex.assert_trees_all_close(sharded.page_scores(q, split, channels=channels),
+                                  scoring.page_scores(q, single, channels=channels), atol=1e-5)
+      config = dataclasses.replace(ROUTER, query_channels=channels)
+      want = ij.route(layout, lengths, config, query=q, cache=single, budget=6)
+      got = ij.route(layout, lengths, config, query=q, cache=split, budget=6)
+      chex.assert_trees_all_equal(got, want)
 
   def test_refused_write_changes_no_shard(self):
     """A sequence one page shard cannot serve is refused on all: nothing written, flagged."""

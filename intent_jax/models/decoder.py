@@ -135,16 +135,17 @@ class Decoder(nnx.Module):
 
 
 def create_caches(config: DecoderConfig, *, max_seqs: int, max_seq_len: int, page_size: int = 16,
-                  pool_pages=None, dtype: str = "bfloat16", mesh=None,
+                  pool_pages=None, dtype: str = "bfloat16", key_sketch: bool = False, mesh=None,
                   partition: sharded.Partition | None = None) -> tuple:
-  """One paged KV cache per layer (see cache.CacheConfig for pool_pages and dtype).
+  """One paged KV cache per layer (see cache.CacheConfig for pool_pages, dtype, key_sketch).
 
   With a mesh, sharded.ShardedKVCaches split as `partition` says (pool_pages are then the
   totals over the page shards); without, single-device cache.KVCaches.
   """
   cache_config = cache_lib.CacheConfig(
       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, max_seqs=max_seqs,
-      max_seq_len=max_seq_len, page_size=page_size, pool_pages=pool_pages, dtype=dtype)
+      max_seq_len=max_seq_len, page_size=page_size, pool_pages=pool_pages, dtype=dtype,
+      key_sketch=key_sketch)
   if mesh is None:
     if partition is not None:
       raise ValueError("partition needs a mesh")
