@@ -123,14 +123,14 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
   seconds = measure(select_only, plan, given, budget)
   record("select_pages(plan, page_scores)", batch, num_tokens, page_size, str(fraction), "-",
          seconds, 0, 0, **extra(seconds))
-  pages = batch * c.max_pages_per_seq * c.num_kv_heads
   for channels in [None] + [int(r) for r in _QUERY_CHANNELS.value]:
     if channels is None:
       source, implementations = "bounds", scoring.BOUND_IMPLEMENTATIONS
-      nbytes = pages * c.head_dim * cache_lib.SUMMARY_BYTES_PER_CHANNEL
+      nbytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
+                cache_lib.SUMMARY_BYTES_PER_CHANNEL)
     else:
       source, implementations = f"sketch{channels}", scoring.SKETCH_IMPLEMENTATIONS
-      nbytes = pages * channels * (page_size // 2 + 4)  # INT4 codes and a float32 scale.
+      nbytes = c.key_sketch_bytes * channels // c.head_dim  # The chosen channels' share.
     scorer = lambda name: jax.jit(functools.partial(scoring.page_scores, channels=channels,
                                                     implementation=name))
     expected = scorer("reference")(q, cache)

@@ -36,7 +36,7 @@ _BOUNDS = 8  # bounds[b] holds NUM_PRECISIONS + 1 = 5 offsets, padded to a power
 _SLOT, _PAGE, _BITS = 0, 1, 2  # Columns of the entries array: pool slot, page id, token bits.
 
 
-def next_power_of_two(n: int) -> int:
+def _next_power_of_two(n: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
@@ -251,7 +251,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
 def query_rows(q, num_kv_heads: int):
   """`splits.query_rows` padded to a matmul tile: (q rows, rows used)."""
   used_rows = q.shape[1] * q.shape[2] // num_kv_heads
-  rows = max(MIN_ROWS, next_power_of_two(used_rows))
+  rows = max(MIN_ROWS, _next_power_of_two(used_rows))
   return splits.query_rows(q, num_kv_heads, rows), used_rows
 
 

@@ -80,8 +80,6 @@ def sketch_page_logits(q, cache: cache_lib.KVCache, *, channels: int, scale=None
   q = q.astype(jnp.float32)
   chosen = scoring.top_query_channels(
       q.reshape(batch, q_len, c.num_kv_heads, -1, head_dim), channels)  # [batch, kv_heads, r]
-  padded = selected_page_decode.next_power_of_two(channels)  # A block shape Triton takes.
-  chosen = jnp.pad(chosen, ((0, 0), (0, 0), (0, padded - channels)))
   q_rows, used_rows = selected_page_decode.query_rows(q, c.num_kv_heads)
   q_chosen = jnp.take_along_axis(q_rows, chosen[:, :, None, :], axis=-1)
   rows = q_rows.shape[2]
@@ -94,8 +92,8 @@ def sketch_page_logits(q, cache: cache_lib.KVCache, *, channels: int, scale=None
       grid=(batch, c.num_kv_heads, num_blocks),
       in_specs=[
           pl.BlockSpec((batch,), lambda b, h, j: (0,)),
-          pl.BlockSpec((None, None, padded), lambda b, h, j: (b, h, 0)),
-          pl.BlockSpec((None, None, rows, padded), lambda b, h, j: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, channels), lambda b, h, j: (b, h, 0)),
+          pl.BlockSpec((None, None, rows, channels), lambda b, h, j: (b, h, 0, 0)),
           pl.BlockSpec((None, head_dim, None) + sketch.codes.shape[3:],
                        lambda b, h, j: (h, 0, b, 0, 0)),
           pl.BlockSpec((None, head_dim, None, c.max_pages_per_seq), lambda b, h, j: (h, 0, b, 0)),
