@@ -493,7 +493,7 @@ def _selection_function(implementation: str, num_pages: int):
   """The batched page selection called `implementation` (or the platform's default where it is
   "default"), after checking that it takes tables of `num_pages` pages."""
   if implementation == "default":
-    names = DEFAULT_SELECTION_ORDER.get(jax.default_backend(), ("reference",))
+    names = dispatch.platform_order(DEFAULT_SELECTION_ORDER)
   else:
     names = (implementation,)
   return dispatch.first_supported(names, lambda name: _selection_kernel(name, num_pages))
@@ -503,8 +503,8 @@ def _selection_kernel(name: str, num_pages: int):
   """The selection called `name`; NotImplementedError where it cannot run or take the table."""
   if name == "reference":
     return reference_select_pages
-  if name == "pallas_gpu" and jax.default_backend() != "gpu":
-    raise NotImplementedError("pallas_gpu runs on GPUs")
+  if name == "pallas_gpu":
+    dispatch.require_platform(name)
   # Kernels are imported here: they build on this package.
   from pallas_kernels.gpu import select_pages as kernel  # pylint: disable=g-import-not-at-top
   kernel.static_validate_inputs(num_pages)
@@ -539,8 +539,8 @@ def route(
   `max_pages` (module docstring). Query mode: every ATTEND page competes; the forced pages come
   first, then the ATTEND pages whose `scoring.page_scores` (from `query` and the `cache`'s
   per-page key bounds, or its key sketch with `config.query_channels`) is highest, until the
-  table holds `budget` pages; ATTEND tokens on any
-  selected page are attended, SKIP tokens never. Scores then only set precision.
+  table holds `budget` pages; ATTEND tokens on any selected page are attended, SKIP tokens
+  never. Scores then only set precision.
 
   Args:
     layout: BlockLayout with `batch` rows.

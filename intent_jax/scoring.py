@@ -116,18 +116,10 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
 def _implementations(implementation, default_order, known):
   """The implementation names to try: `implementation` alone, or the platform's default order."""
   if implementation is None:
-    return default_order.get(jax.default_backend(), ("reference",))
+    return dispatch.platform_order(default_order)
   if implementation in known:
     return (implementation,)
   raise ValueError(f"implementation={implementation!r} must be None or one of {known}")
-
-
-def _on_platform(name: str) -> str:
-  """The platform a "pallas_<platform>" implementation runs on; NotImplementedError elsewhere."""
-  platform = name.removeprefix("pallas_")
-  if jax.default_backend() != platform:
-    raise NotImplementedError(f"{name} runs on {platform.upper()}s")
-  return platform
 
 
 def _bound_kernel(name: str):
@@ -135,7 +127,7 @@ def _bound_kernel(name: str):
   package)."""
   if name == "reference":
     return reference_page_upper_bounds
-  if _on_platform(name) == "gpu":
+  if dispatch.require_platform(name) == "gpu":
     from pallas_kernels.gpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
   else:
     from pallas_kernels.tpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
@@ -212,7 +204,7 @@ def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
 def _sketch_kernel(name: str):
   if name == "reference":
     return reference_sketch_page_logits
-  _on_platform(name)
+  dispatch.require_platform(name)
   from pallas_kernels.gpu import sketch_page_logits as kernel  # pylint: disable=g-import-not-at-top
   return kernel.sketch_page_logits
 
