@@ -13,6 +13,8 @@
   channels cost about r / head_dim of the sketch's bytes.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -127,11 +129,14 @@ def _bound_kernel(name: str):
   package)."""
   if name == "reference":
     return reference_page_upper_bounds
-  if dispatch.require_platform(name) == "gpu":
-    from pallas_kernels.gpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
-  else:
-    from pallas_kernels.tpu import page_upper_bounds as kernel  # pylint: disable=g-import-not-at-top
-  return kernel.page_upper_bounds
+  return _platform_kernel(name, "page_upper_bounds")
+
+
+def _platform_kernel(name: str, function: str):
+  """`function` of the module of that name in the platform's kernel package (imported here:
+  kernels build on this package); NotImplementedError off that platform."""
+  platform = dispatch.require_platform(name)
+  return getattr(importlib.import_module(f"pallas_kernels.{platform}.{function}"), function)
 
 
 def reference_page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *,
@@ -172,8 +177,8 @@ def top_channel_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels:
   return _page_max_logits(q, cache, scale=scale, channels=channels)
 
 
-SKETCH_IMPLEMENTATIONS = ("reference", "pallas_gpu")
-DEFAULT_SKETCH_ORDER = {"gpu": ("pallas_gpu", "reference")}
+SKETCH_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
+DEFAULT_SKETCH_ORDER = {"gpu": ("pallas_gpu", "reference"), "tpu": ("pallas_tpu", "reference")}
 
 
 def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int, scale=None,
@@ -190,7 +195,7 @@ def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
     channels: channels read, in [1, head_dim].
     scale: logit scale; default 1 / sqrt(head_dim).
     implementation: one of SKETCH_IMPLEMENTATIONS; default the platform's kernel where it takes
-      the input, else "reference" (pallas_kernels/gpu/sketch_page_logits.py must equal it).
+      the input, else "reference" (pallas_kernels/*/sketch_page_logits.py must equal it).
   """
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
@@ -204,9 +209,7 @@ def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
 def _sketch_kernel(name: str):
   if name == "reference":
     return reference_sketch_page_logits
-  dispatch.require_platform(name)
-  from pallas_kernels.gpu import sketch_page_logits as kernel  # pylint: disable=g-import-not-at-top
-  return kernel.sketch_page_logits
+  return _platform_kernel(name, "sketch_page_logits")
 
 
 def reference_sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,

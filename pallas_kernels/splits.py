@@ -10,6 +10,7 @@ where the per-head sink logits join the denominator.
 import jax.numpy as jnp
 
 from intent_jax import reference
+from intent_jax import scoring
 
 MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
 
@@ -22,6 +23,18 @@ def query_rows(q, num_kv_heads: int, rows: int):
   packed = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
   packed = packed.reshape(batch, num_kv_heads, group * q_len, head_dim)
   return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - group * q_len), (0, 0)))
+
+
+def chosen_channel_rows(q, num_kv_heads: int, channels: int, rows: int):
+  """The sketch kernels' query: (chosen i32[batch, kv heads, channels], the channels
+  `scoring.top_query_channels` picks per kv head; `query_rows` of float32 q restricted to them,
+  f32[batch, kv heads, rows, channels])."""
+  batch, q_len, _, head_dim = q.shape
+  q = q.astype(jnp.float32)
+  chosen = scoring.top_query_channels(q.reshape(batch, q_len, num_kv_heads, -1, head_dim),
+                                      channels)
+  q_rows = query_rows(q, num_kv_heads, rows)
+  return chosen, jnp.take_along_axis(q_rows, chosen[:, :, None, :], axis=-1)
 
 
 def unpack_rows(x, q_len: int, num_q_heads: int):

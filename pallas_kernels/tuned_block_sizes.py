@@ -72,6 +72,10 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_bloc
 TPU_PAGES_PER_BLOCK = {16: 16, 32: 8, 64: 4, 128: 2, 256: 1}
 # TPU page-bound (scoring) kernel: logical pages per DMA block, one lane row of bounds.
 TPU_BOUND_PAGES_PER_BLOCK = 128
+# TPU key-sketch (top-channel scoring) kernel: lane rows of INT4 codes per DMA block, 128 rows =
+# 2048 pages of 16 tokens, 16 KiB of codes and 8 KiB of scales per chosen channel (a plan, like
+# the rows above: two blocks of 16 channels in flight are 768 KiB).
+TPU_SKETCH_ROWS_PER_BLOCK = 128
 TPU_TENSORCORES = 2  # Megacore chips (v4, v5p); single-core chips run the same grid on one core.
 
 

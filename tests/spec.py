@@ -283,3 +283,15 @@ def kernel_case(seed, *, num_kv_heads, head_dim, page_size, dtype, pressure, eig
                                max_pages=-(-tokens // page_size))
   table = route(layout, lengths, router_config, memory_pressure=pressure)
   return cache_lib.apply_precision(cache, table), table
+
+
+def tpu_module(fn, *args) -> str:
+  """The module of jax.jit(fn)(*args) exported for TPU (args may be ShapeDtypeStructs): runs
+  Pallas's Mosaic lowering, which checks block shapes, memory spaces and ops, on any host. The
+  compiler inside libtpu, which chooses vector layouts, runs only on a TPU."""
+  return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+def cache_shapes(config: cache_lib.CacheConfig):
+  """The ShapeDtypeStructs of an empty cache of `config`."""
+  return jax.eval_shape(lambda: cache_lib.create(config))

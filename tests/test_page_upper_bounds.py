@@ -44,6 +44,16 @@ class PageBoundKernelTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.isinf(out), np.isinf(expected))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
+  @parameterized.named_parameters(("bf16", (B16,), "bfloat16"),
+                                  ("every_format", (B16, FP8, INT8, INT4), "float32"))
+  def test_tpu_kernel_lowers_to_mosaic(self, formats, dtype):
+    config = cache_lib.CacheConfig(num_kv_heads=8, head_dim=128, max_seqs=2,
+                                   max_seq_len=32768, pool_pages={f: 1024 for f in formats},
+                                   dtype=dtype)
+    q = jax.ShapeDtypeStruct((2, 4, 32, 128), jnp.bfloat16)
+    module = spec.tpu_module(tpu_kernel.page_upper_bounds, q, spec.cache_shapes(config))
+    self.assertIn("page_upper_bounds_tpu", module)
+
   @parameterized.named_parameters(("gpu", "gpu", 24), ("tpu", "tpu", 64))
   def test_unsupported_head_dim_is_refused(self, kernel, head_dim):
     config = cache_lib.CacheConfig(num_kv_heads=1, head_dim=head_dim, max_seqs=1,

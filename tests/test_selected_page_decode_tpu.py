@@ -94,6 +94,22 @@ class TpuKernelTest(parameterized.TestCase):
     self.assertLess(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs), 1e-2)
 
   @parameterized.named_parameters(
+      ("bf16_page16", 16, 128, (B16,), "bfloat16"),
+      ("every_format_page32", 32, 256, (B16, FP8, INT8, INT4), "float32"),
+      ("eight_bit_page64", 64, 128, (B16, INT8, FP8), "bfloat16"),
+  )
+  def test_lowers_to_mosaic(self, page_size, head_dim, formats, dtype):
+    config = cache_lib.CacheConfig(num_kv_heads=8, head_dim=head_dim, max_seqs=2,
+                                   max_seq_len=32768, page_size=page_size,
+                                   pool_pages={f: 1024 for f in formats}, dtype=dtype)
+    layouts = BlockLayout.stack([BlockLayout.from_blocks([], 32768)] * 2)
+    table = jax.eval_shape(lambda: route(layouts, jnp.zeros(2, jnp.int32),
+                                         RouterConfig(page_size=page_size)))
+    q = jax.ShapeDtypeStruct((2, 4, 32, head_dim), jnp.bfloat16)
+    module = spec.tpu_module(kernel.selected_page_decode, q, spec.cache_shapes(config), table)
+    self.assertIn("selected_page_decode", module)
+
+  @parameterized.named_parameters(
       ("head_dim", 64, 32, (B16,), "head_dim a multiple of 128, got 64"),
       ("eight_bit_page", 128, 16, (B16, INT8), "page_size a multiple of 32 for the INT8 pool"),
       ("int4_width", 128, 32, (B16, INT4), "INT4 pages \\(64 bytes a token\\) only when head_dim"),

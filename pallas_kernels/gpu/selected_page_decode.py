@@ -248,11 +248,15 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   return out if return_lse else out.astype(q.dtype)
 
 
+def padded_rows(used_rows: int) -> int:
+  """Query rows of a kv head padded to a matmul tile."""
+  return max(MIN_ROWS, _next_power_of_two(used_rows))
+
+
 def query_rows(q, num_kv_heads: int):
   """`splits.query_rows` padded to a matmul tile: (q rows, rows used)."""
   used_rows = q.shape[1] * q.shape[2] // num_kv_heads
-  rows = max(MIN_ROWS, _next_power_of_two(used_rows))
-  return splits.query_rows(q, num_kv_heads, rows), used_rows
+  return splits.query_rows(q, num_kv_heads, padded_rows(used_rows)), used_rows
 
 
 def prepare(q, cache, table, q_positions, pages_per_block):

@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from intent_jax import cache as cache_lib
 from intent_jax import quant
-from intent_jax import scoring
+from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.gpu import selected_page_decode
 
@@ -77,12 +77,9 @@ def sketch_page_logits(q, cache: cache_lib.KVCache, *, channels: int, scale=None
   block = pages_per_block or tuned_block_sizes.GPU_SKETCH_PAGES_PER_BLOCK
   batch, q_len, _, head_dim = q.shape
   scale = head_dim**-0.5 if scale is None else scale
-  q = q.astype(jnp.float32)
-  chosen = scoring.top_query_channels(
-      q.reshape(batch, q_len, c.num_kv_heads, -1, head_dim), channels)  # [batch, kv_heads, r]
-  q_rows, used_rows = selected_page_decode.query_rows(q, c.num_kv_heads)
-  q_chosen = jnp.take_along_axis(q_rows, chosen[:, :, None, :], axis=-1)
-  rows = q_rows.shape[2]
+  used_rows = q_len * q.shape[2] // c.num_kv_heads
+  rows = selected_page_decode.padded_rows(used_rows)
+  chosen, q_chosen = splits.chosen_channel_rows(q, c.num_kv_heads, channels, rows)
   num_blocks = -(-c.max_pages_per_seq // block)
   sketch = cache.key_sketch
   kernel = functools.partial(_kernel, channels=channels, used_rows=used_rows,

@@ -51,7 +51,7 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, pages_p
   bound_refs, out_ref = refs[:num_bound_refs], refs[num_bound_refs]
   lower_buf, upper_buf, sem = refs[num_bound_refs + 1:]
   b, h = pl.program_id(0), pl.program_id(1)
-  num_blocks = out_ref.shape[0] // pages_per_block
+  num_blocks = out_ref.shape[-1] // pages_per_block
   q_pos, q_neg = q_pos_ref[...], q_neg_ref[...]
   nt_dot = lambda x, y: jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())),
                                             precision=jax.lax.Precision.HIGHEST,
@@ -90,7 +90,7 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, pages_p
     per_row = nt_dot(q_pos, upper) + nt_dot(q_neg, lower)
     per_row = jnp.where(jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 0) < used_rows,
                         per_row, -jnp.inf)
-    out_ref[pages] = jnp.max(per_row, axis=0) * scale
+    out_ref[:, pages] = jnp.max(per_row, axis=0, keepdims=True) * scale
     return carry
 
   jax.lax.fori_loop(0, num_blocks, body, 0)
@@ -131,15 +131,16 @@ def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: boo
           num_scalar_prefetch=2,
           grid=(batch, c.num_kv_heads),
           in_specs=[query, query] + [pl.BlockSpec(memory_space=pl.ANY)] * len(bound_arrays),
-          out_specs=pl.BlockSpec((None, None, num_pages), lambda b, h, *_: (b, h, 0)),
+          # [1, pages] per program: a block's last two dims must be whole (or (8, 128) tiles).
+          out_specs=pl.BlockSpec((None, None, 1, num_pages), lambda b, h, *_: (b, h, 0, 0)),
           scratch_shapes=[pltpu.VMEM((2, block, head_dim), cache_lib.SUMMARY_DTYPE),
                           pltpu.VMEM((2, block, head_dim), cache_lib.SUMMARY_DTYPE),
                           pltpu.SemaphoreType.DMA((2,))],
       ),
-      out_shape=jax.ShapeDtypeStruct((batch, c.num_kv_heads, num_pages), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((batch, c.num_kv_heads, 1, num_pages), jnp.float32),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=pltpu.InterpretParams() if interpret else False,
       name="page_upper_bounds_tpu",
   )(page_pool, page_slot, jnp.maximum(q_rows, 0.0), jnp.minimum(q_rows, 0.0), *bound_arrays)
-  bounds = jnp.moveaxis(bounds[:, :, :c.max_pages_per_seq], 1, 2)
+  bounds = jnp.moveaxis(bounds[:, :, 0, :c.max_pages_per_seq], 1, 2)
   return jnp.where((cache.page_pool != cache_lib.UNMAPPED)[..., None], bounds, -jnp.inf)

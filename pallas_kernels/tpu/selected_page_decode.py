@@ -126,7 +126,7 @@ def _kernel(bounds_ref, run_ends_ref, slots_ref, q_ref, q_pos_ref, positions_ref
   half = head_dim // 2
   keys = positions_ref.shape[-1]
   total = bounds_ref[b, NUM_PRECISIONS]
-  share = (total + num_splits - 1) // num_splits
+  share = jax.lax.div(total + num_splits - 1, num_splits)  # Non-negative: no sign fix-up.
   start = split * share
   stop = jnp.minimum(start + share, total)
   q = q_ref[...]
