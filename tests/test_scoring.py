@@ -201,8 +201,8 @@ class SketchPageLogitsTest(parameterized.TestCase):
       scoring.sketch_page_logits(q, no_sketch, channels=4)
     with self.assertRaisesRegex(NotImplementedError, "pallas_gpu runs on GPUs"):
       scoring.sketch_page_logits(q, cache, channels=4, implementation="pallas_gpu")
-    with self.assertRaisesRegex(ValueError, "implementation='pallas_tpu'"):
-      scoring.sketch_page_logits(q, cache, channels=4, implementation="pallas_tpu")
+    with self.assertRaisesRegex(ValueError, "implementation='mosaic_gpu'"):
+      scoring.sketch_page_logits(q, cache, channels=4, implementation="mosaic_gpu")
 
 
 class QueryRouteTest(parameterized.TestCase):
