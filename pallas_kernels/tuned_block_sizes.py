@@ -41,8 +41,9 @@ def gpu_decode_blocks(page_size: int, quantized: bool) -> GpuDecodeBlocks:
 GPU_BOUND_PAGES_PER_BLOCK = 64
 GPU_BOUND_NUM_WARPS = 8
 # The GPU key-sketch (top-channel scoring) kernel: logical pages per program and warps (swept on
-# an H100 at 16 channels over 32-256 pages and 1-4 warps: 102.6 us at 8 x 128K, 25.0 us at
-# 1 x 128K; 32 pages with 2 warps 103.4 / 27.1 us, 32 with 1 warp 116.9 / 23.9 us).
+# an H100 at 16 channels over 32-256 pages and 1-8 warps: 92.6 us at 8 x 128K, 21.8 us at
+# 1 x 128K; 32 pages with 2 warps 91.7 / 22.0 us, 128 pages with 4 or 8 warps 95.5-96.7 /
+# 22.7 us).
 GPU_SKETCH_PAGES_PER_BLOCK = 64
 GPU_SKETCH_NUM_WARPS = 4
 # Programs per multiprocessor the split count aims for. Measured on an H100 (25% and 6.25% of

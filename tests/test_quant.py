@@ -53,6 +53,13 @@ class QuantTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "odd size 3"):
       quant.pack_int4(jnp.zeros((2, 3), jnp.int8))
 
+  def test_nibble_floats_are_the_nibbles(self):
+    every_byte = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8)
+    floats = quant.int4_nibble_floats(every_byte)
+    for got, want in zip(floats, quant.int4_nibbles(every_byte)):
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_array_equal(got, want.astype(jnp.float32))
+
   @parameterized.parameters(Precision.FP8, Precision.INT8, Precision.INT4)
   def test_zero_and_constant_blocks_round_trip(self, precision):
     zeros = jnp.zeros((3, 4, 8))
