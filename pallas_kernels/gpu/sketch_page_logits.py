@@ -15,7 +15,7 @@ The maximum over rows and over the page's stored tokens (below the sequence's le
 page's estimate, -inf for a page with none.
 The kernel is bound by instruction issue, not memory (Nsight Compute on an H100 at 8 x 128K,
 16 channels: issue slots 76% busy, DRAM 33% of peak): hence the float conversion without a
-conversion instruction and the scale applied once a page (92.6 us against 102.5 us). Also
+conversion instruction and the scale applied once a page (92.6 us against 102-103 us). Also
 measured (BENCHMARKS.md): one 3-D load of every chosen channel reduced over the channel axis
 144.0 us; that with each channel's codes loaded as one flat run 181.7 us; 2 to 8 kv heads a
 program (more bytes in flight each) 118 to 139 us.
