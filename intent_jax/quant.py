@@ -63,7 +63,7 @@ def int4_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # float32 2**23 with bit 3 set: for a nibble m in [0, 16), the bits (m ^ this) are the float
-# 2**23 + (m ^ 8), and m ^ 8 - 8 is m read as a signed nibble.
+# 2**23 + (m ^ 8), and (m ^ 8) - 8 is m read as a signed nibble.
 _NIBBLE_FLOAT_BITS = 0x4B000008
 _NIBBLE_FLOAT_OFFSET = 2.0**23 + 8
 

@@ -133,8 +133,8 @@ def _bound_kernel(name: str):
 
 
 def _platform_kernel(name: str, function: str):
-  """`function` of the module of that name in the platform's kernel package (imported here:
-  kernels build on this package); NotImplementedError off that platform."""
+  """`function` from pallas_kernels.<platform>.<function>, the module named after it (imported
+  here: kernels build on this package); NotImplementedError off that platform."""
   platform = dispatch.require_platform(name)
   return getattr(importlib.import_module(f"pallas_kernels.{platform}.{function}"), function)
 

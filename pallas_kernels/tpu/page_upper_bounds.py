@@ -29,6 +29,7 @@ from intent_jax import cache as cache_lib
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.tpu import double_buffer
 
 LANES = 128
 SUBLANES = 8  # float32 rows.
@@ -75,25 +76,15 @@ def _kernel(pool_ref, slot_ref, q_pos_ref, q_neg_ref, *refs, precisions, pages_p
 
     jax.lax.fori_loop(0, pages_per_block, one_page, 0)
 
-  copies(0, 0, "start")
-
-  def body(block, carry):
-    buffer = block % 2
-
-    @pl.when(block + 1 < num_blocks)
-    def _():
-      copies(block + 1, 1 - buffer, "start")
-
-    copies(block, buffer, "wait")
+  def compute(block, buffer):
     pages = pl.ds(pl.multiple_of(block * pages_per_block, pages_per_block), pages_per_block)
     upper, lower = (buf[buffer].astype(jnp.float32) for buf in (upper_buf, lower_buf))
     per_row = nt_dot(q_pos, upper) + nt_dot(q_neg, lower)
     per_row = jnp.where(jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 0) < used_rows,
                         per_row, -jnp.inf)
     out_ref[:, pages] = jnp.max(per_row, axis=0, keepdims=True) * scale
-    return carry
 
-  jax.lax.fori_loop(0, num_blocks, body, 0)
+  double_buffer.walk_blocks(num_blocks, copies, compute)
 
 
 def page_upper_bounds(q, cache: cache_lib.KVCache, *, scale=None, interpret: bool = False,

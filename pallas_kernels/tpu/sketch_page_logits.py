@@ -38,6 +38,7 @@ from intent_jax import cache as cache_lib
 from intent_jax import quant
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.tpu import double_buffer
 
 LANES = 128
 CODE_SUBLANES = 32  # Rows of a uint8 tile.
@@ -123,26 +124,16 @@ def _kernel(lengths_ref, chosen_ref, q_ref, codes_hbm, scale_hbm, out_ref, codes
     out_ref[pl.ds(row0 + t * rows_per_tile, rows_per_tile)] = jnp.where(
         page * page_size < length, best * scale, -jnp.inf)
 
-  copies(0, 0, "start")
-
-  def body(block, carry):
-    buffer = block % 2
-
-    @pl.when(block + 1 < num_blocks)
-    def _():
-      copies(block + 1, 1 - buffer, "start")
-
-    copies(block, buffer, "wait")
+  def compute(block, buffer):
     row0 = first_row(block)
 
-    def one_tile(t, tile_carry):
+    def one_tile(t, carry):
       tile(buffer, row0, t)
-      return tile_carry
+      return carry
 
     jax.lax.fori_loop(0, rows_per_block // rows_per_tile, one_tile, 0)
-    return carry
 
-  jax.lax.fori_loop(0, num_blocks, body, 0)
+  double_buffer.walk_blocks(num_blocks, copies, compute)
 
 
 def sketch_page_logits(q, cache: cache_lib.KVCache, *, channels: int, scale=None,
