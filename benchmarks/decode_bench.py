@@ -125,16 +125,16 @@ def select_pages(record, cache, q, fraction, kernel_seconds, measure):
          seconds, 0, 0, **extra(seconds))
   for channels in [None] + [int(r) for r in _QUERY_CHANNELS.value]:
     if channels is None:
-      source, implementations = "bounds", scoring.BOUND_IMPLEMENTATIONS
+      source = "bounds"
       nbytes = (batch * c.max_pages_per_seq * c.num_kv_heads * c.head_dim *
                 cache_lib.SUMMARY_BYTES_PER_CHANNEL)
     else:
-      source, implementations = f"sketch{channels}", scoring.SKETCH_IMPLEMENTATIONS
+      source = f"sketch{channels}"
       nbytes = c.key_sketch_bytes * channels // c.head_dim  # The chosen channels' share.
     scorer = lambda name: jax.jit(functools.partial(scoring.page_scores, channels=channels,
                                                     implementation=name))
     expected = scorer("reference")(q, cache)
-    for name in implementations:
+    for name in scoring.IMPLEMENTATIONS:
       try:
         max_diff = float(jnp.max(jnp.where(jnp.isfinite(expected),
                                            jnp.abs(scorer(name)(q, cache) - expected), 0.0)))

@@ -84,10 +84,11 @@ def check_query(q: jax.Array, config: cache_lib.CacheConfig):
         f" heads, head_dim={c.head_dim}] for this cache, got {q.dtype}{list(q.shape)}")
 
 
-# Page-bound implementations tried in order (the first that does not raise NotImplementedError)
-# when `implementation` is None; "reference" is the jax.numpy version and takes every input.
-DEFAULT_BOUND_ORDER = {"gpu": ("pallas_gpu", "reference"), "tpu": ("pallas_tpu", "reference")}
-BOUND_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
+# Implementations of the page bounds and of the sketch logits, tried in order (the first that
+# does not raise NotImplementedError) when `implementation` is None; "reference" is the jax.numpy
+# version and takes every input.
+DEFAULT_ORDER = {"gpu": ("pallas_gpu", "reference"), "tpu": ("pallas_tpu", "reference")}
+IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
 
 
 def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
@@ -104,39 +105,37 @@ def page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *, scale=None,
     q: [batch, q_len, num_q_heads, head_dim], batch = the cache's max_seqs.
     cache: the paged cache (its key bounds).
     scale: logit scale; default 1 / sqrt(head_dim).
-    implementation: one of BOUND_IMPLEMENTATIONS; default the platform's kernel where it takes
+    implementation: one of IMPLEMENTATIONS; default the platform's kernel where it takes
       the input, else "reference". The kernels (pallas_kernels/*/page_upper_bounds.py) must
       equal "reference".
   """
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
   check_query(q, cache.config)
-  names = _implementations(implementation, DEFAULT_BOUND_ORDER, BOUND_IMPLEMENTATIONS)
-  return dispatch.first_supported(names, lambda name: _bound_kernel(name)(q, cache, scale=scale))
+  return _first_supported(implementation, "page_upper_bounds", reference_page_upper_bounds,
+                          lambda fn: fn(q, cache, scale=scale))
 
 
-def _implementations(implementation, default_order, known):
-  """The implementation names to try: `implementation` alone, or the platform's default order."""
+def _first_supported(implementation, function: str, reference, call):
+  """call(fn) with `implementation`'s version of `function`, or with the first version of the
+  platform's default order that takes the inputs. A kernel is `function` in the module
+  pallas_kernels.<platform>.<function> (imported here: kernels build on this package);
+  NotImplementedError off its platform."""
   if implementation is None:
-    return dispatch.platform_order(default_order)
-  if implementation in known:
-    return (implementation,)
-  raise ValueError(f"implementation={implementation!r} must be None or one of {known}")
+    names = dispatch.platform_order(DEFAULT_ORDER)
+  elif implementation in IMPLEMENTATIONS:
+    names = (implementation,)
+  else:
+    raise ValueError(f"implementation={implementation!r} must be None or one of {IMPLEMENTATIONS}")
 
+  def attempt(name):
+    if name == "reference":
+      return call(reference)
+    platform = dispatch.require_platform(name)
+    module = importlib.import_module(f"pallas_kernels.{platform}.{function}")
+    return call(getattr(module, function))
 
-def _bound_kernel(name: str):
-  """The page-bound function called `name` (kernels are imported here: they build on this
-  package)."""
-  if name == "reference":
-    return reference_page_upper_bounds
-  return _platform_kernel(name, "page_upper_bounds")
-
-
-def _platform_kernel(name: str, function: str):
-  """`function` from pallas_kernels.<platform>.<function>, the module named after it (imported
-  here: kernels build on this package); NotImplementedError off that platform."""
-  platform = dispatch.require_platform(name)
-  return getattr(importlib.import_module(f"pallas_kernels.{platform}.{function}"), function)
+  return dispatch.first_supported(names, attempt)
 
 
 def reference_page_upper_bounds(q: jax.Array, cache: cache_lib.KVCache, *,
@@ -177,10 +176,6 @@ def top_channel_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels:
   return _page_max_logits(q, cache, scale=scale, channels=channels)
 
 
-SKETCH_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
-DEFAULT_SKETCH_ORDER = {"gpu": ("pallas_gpu", "reference"), "tpu": ("pallas_tpu", "reference")}
-
-
 def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int, scale=None,
                        implementation: str | None = None) -> jax.Array:
   """f32[batch, max_pages_per_seq, num_kv_heads]: `top_channel_page_logits` with the keys read
@@ -194,22 +189,15 @@ def sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
     cache: a KVCache made with CacheConfig(key_sketch=True).
     channels: channels read, in [1, head_dim].
     scale: logit scale; default 1 / sqrt(head_dim).
-    implementation: one of SKETCH_IMPLEMENTATIONS; default the platform's kernel where it takes
+    implementation: one of IMPLEMENTATIONS; default the platform's kernel where it takes
       the input, else "reference" (pallas_kernels/*/sketch_page_logits.py must equal it).
   """
   if not isinstance(cache, cache_lib.KVCache):
     raise TypeError(f"cache must be a cache.KVCache, got {type(cache).__name__}")
   check_query(q, cache.config)
   check_sketch_scoring(cache.key_sketch, channels, cache.config.head_dim)
-  names = _implementations(implementation, DEFAULT_SKETCH_ORDER, SKETCH_IMPLEMENTATIONS)
-  return dispatch.first_supported(
-      names, lambda name: _sketch_kernel(name)(q, cache, channels=channels, scale=scale))
-
-
-def _sketch_kernel(name: str):
-  if name == "reference":
-    return reference_sketch_page_logits
-  return _platform_kernel(name, "sketch_page_logits")
+  return _first_supported(implementation, "sketch_page_logits", reference_sketch_page_logits,
+                          lambda fn: fn(q, cache, channels=channels, scale=scale))
 
 
 def reference_sketch_page_logits(q: jax.Array, cache: cache_lib.KVCache, *, channels: int,
