@@ -4,8 +4,9 @@ For each (batch, tokens) shape and page size it measures, on the same random dat
   * the copy ceiling (a 1 GiB bf16 copy, bytes read + written),
   * dense attention over the whole context: jax.nn.dot_product_attention with cuDNN and with XLA,
   * per selection (random sorted page sets): JAX's Pallas GPU `paged_attention` over the same
-    pages (same bytes), XLA gather of those pages + dense attention, and this library's
-    implementation with the pages stored in BF16, INT8, FP8, INT4 or a mix,
+    pages (same bytes), XLA gather of those pages + dense attention, and each of this library's
+    --implementations (by default the Mosaic GPU and the Triton kernel) with the pages stored
+    in BF16, INT8, FP8, INT4 or a mix, where it supports them,
   * with --traces, tables routed from the synthetic agentic traces of that length,
   * with --query_selection, what choosing pages by the query costs (`select_pages`), ranking
     pages by their key bounds and, for each of --query_channels, by the key sketch's logits
@@ -15,9 +16,10 @@ cache flushed before each call, as in a model whose layers read other pages); --
 times back-to-back calls from the host instead, as the earliest tables in BENCHMARKS.md were.
 Bytes are K and V of the pages each variant must read, once, scales included; GB/s is bytes over
 time; "% copy" is that over the copy ceiling measured in the same run. With --check, each of this
-library's variants is first compared with `reference.paged_attention` (outputs poisoned with NaN
-first, so unwritten blocks show). --q_len, --sinks and --softcap time and check the kernel with
-several causal query tokens, sink logits and a soft-cap (this library's rows only).
+library's variants is first compared with `reference.paged_attention` (the Triton kernel's
+outputs poisoned with NaN first, so unwritten blocks show). --q_len, --sinks and --softcap time
+and check the kernels with several causal query tokens, sink logits and a soft-cap (this
+library's rows only).
 
 With --mesh (heads x pages, e.g. 1x2,2x1), the first selection's BF16 and mixed tables also run on
 a `sharded.ShardedKVCache` over that many devices: the step time (LSE merge included) beside the
@@ -78,7 +80,10 @@ _SOFTCAP = flags.DEFINE_float("softcap", None, "Logit soft-cap; none by default.
 _PEERS = flags.DEFINE_bool("peers", True, "Measure the peers too (one query token, no sinks or "
                            "soft-cap only: the peers have neither).")
 _CHECK = flags.DEFINE_bool("check", True, "Check each variant against the oracle first.")
-_IMPLEMENTATION = flags.DEFINE_string("implementation", "pallas_gpu", "Registered name.")
+_IMPLEMENTATIONS = flags.DEFINE_list(
+    "implementations", ["pallas_mosaic_gpu", "pallas_gpu"],
+    "Registered names, each timed side by side where it supports the input; the other rows "
+    "(sharded, in-step, routed traces) dispatch to the first of them that does.")
 _NUM_Q_HEADS = flags.DEFINE_integer("num_q_heads", 32, "Query heads.")
 _NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 8, "KV heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Channels per head.")
@@ -157,7 +162,7 @@ def in_step_row(record, cache, q, routed, config, step_inputs, source, measure):
   selection and decode, against decode alone over tables routed beforehand."""
   c = cache.config
   decode_layer = functools.partial(attention.decode_attention,
-                                   implementation=_IMPLEMENTATION.value)
+                                   implementation=_IMPLEMENTATIONS.value)
   queries = jax.random.normal(jax.random.key(2), (_MESH_LAYERS.value,) + q.shape, q.dtype)
   tables = jax.jit(jax.vmap(routed, in_axes=(0, None, None, None, None)))(queries, cache,
                                                                           *step_inputs)
@@ -201,6 +206,11 @@ def merge_floor(mesh, q_shape):
                                check_vma=False))
 
 
+def _dispatch_name() -> str:
+  """The label of rows timed through the --implementations list (first supported)."""
+  return "intent_jax " + "|".join(_IMPLEMENTATIONS.value)
+
+
 def sharded_decode(record, q, cache, table, selection, storage, one_device_seconds, measure):
   """Times decode over `cache`'s pages split over each --mesh shape; bytes are the largest
   device's share."""
@@ -209,7 +219,7 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
   as_stored = dataclasses.replace(table, precisions=stored)
   k, v = cache_lib.dequantized_kv(cache)  # Re-quantizing these gives the same pages again.
   decode_layer = functools.partial(attention.decode_attention,
-                                   implementation=_IMPLEMENTATION.value)
+                                   implementation=_IMPLEMENTATIONS.value)
   decode = jax.jit(decode_layer)
   layers = jax.jit(lambda qs, kv, table: jax.lax.map(lambda q: decode_layer(q, kv, table), qs))
   queries = jax.random.normal(jax.random.key(1), (_MESH_LAYERS.value,) + q.shape, q.dtype)
@@ -244,7 +254,7 @@ def sharded_decode(record, q, cache, table, selection, storage, one_device_secon
         layers, jax.device_put(queries, NamedSharding(mesh, PartitionSpec())), split,
         on_mesh[1]) / _MESH_LAYERS.value
     keys = int(jnp.sum(table.num_pages)) * c.page_size // c.max_seqs // (heads * pages)
-    record(f"intent_jax {_IMPLEMENTATION.value} sharded", c.max_seqs, c.max_seq_len, c.page_size,
+    record(f"{_dispatch_name()} sharded", c.max_seqs, c.max_seq_len, c.page_size,
            selection, storage, seconds, device_bytes, keys, **extra)
     del split
 
@@ -292,8 +302,10 @@ def main(argv):
   del big
   print(f"copy ceiling: {copy_gbps:.0f} GB/s (1 GiB bf16, read + write), {jax.devices()[0]}")
   rows.append(dict(name="copy", gbps=copy_gbps, us=copy_s * 1e6))
+  decoders = {name: jax.jit(functools.partial(attention.decode_attention, implementation=name,
+                                              **options)) for name in _IMPLEMENTATIONS.value}
   decode = jax.jit(functools.partial(attention.decode_attention,
-                                     implementation=_IMPLEMENTATION.value, **options))
+                                     implementation=_IMPLEMENTATIONS.value, **options))
   rng = np.random.default_rng(0)
 
   for shape in _SHAPES.value:
@@ -327,21 +339,22 @@ def main(argv):
           nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
           keys = int(jnp.sum(table.num_pages)) * page_size // batch
           extra = {}
-          seconds = None
-          try:
-            if _CHECK.value:
-              impl = attention.IMPLEMENTATIONS[_IMPLEMENTATION.value]
-              poison = dict(poison=True) if _IMPLEMENTATION.value == "pallas_gpu" else {}
-              out = jax.jit(lambda q, c, t: impl(q, c, t, **options, **poison))(q, cache, table)
-              expected = reference.paged_attention(q, cache, table, **options)
-              extra["rel_err"] = report.relative_error(out, expected)
-            seconds = measure(decode, q, cache, table)
-          except NotImplementedError as e:  # E.g. a tiling the kernel does not support.
-            print(f"intent_jax {_IMPLEMENTATION.value} {storage} ps={page_size}: not supported"
-                  f" ({e})")
-          else:
-            record(f"intent_jax {_IMPLEMENTATION.value}", batch, num_tokens, page_size, selection,
-                   storage, seconds, nbytes, keys, **extra)
+          seconds = None  # The first implementation's that supports the input.
+          for name in _IMPLEMENTATIONS.value:
+            try:
+              if _CHECK.value:
+                impl = attention.IMPLEMENTATIONS[name]
+                poison = dict(poison=True) if name == "pallas_gpu" else {}
+                out = jax.jit(lambda q, c, t: impl(q, c, t, **options, **poison))(q, cache, table)
+                expected = reference.paged_attention(q, cache, table, **options)
+                extra["rel_err"] = report.relative_error(out, expected)
+              name_seconds = measure(decoders[name], q, cache, table)
+            except NotImplementedError as e:  # E.g. a format or tiling it does not support.
+              print(f"intent_jax {name} {storage} ps={page_size}: not supported ({e})")
+            else:
+              record(f"intent_jax {name}", batch, num_tokens, page_size, selection, storage,
+                     name_seconds, nbytes, keys, **extra)
+              seconds = name_seconds if seconds is None else seconds
           if s_index == 0 and storage == "bf16":
             kernel_seconds, selection_cache = seconds, cache
           if s_index == 0 and storage in ("bf16", "mixed") and seconds is not None:
@@ -377,7 +390,7 @@ def main(argv):
         nbytes = float(jnp.sum(cost.routed_kv_bytes(table, hkv, d, precisions=stored)))
         keys = int(jnp.sum(cost.attended_tokens(table))) // batch
         mix = "/".join(str(int(n)) for n in jnp.sum(cost.pages_by_precision(table, stored), 0))
-        record(f"intent_jax {_IMPLEMENTATION.value} routed trace", batch, num_tokens, page_size,
+        record(f"{_dispatch_name()} routed trace", batch, num_tokens, page_size,
                f"{float(jnp.mean(table.num_pages)) / (num_tokens // page_size):.3f}", "routed",
                measure(decode, q, cache, table), nbytes, keys, pages_bf16_fp8_int8_int4=mix)
         del cache

@@ -28,7 +28,7 @@ Implementation = Callable[..., jax.Array]
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 # Preferred order per platform; names not registered are passed over.
 DEFAULT_ORDER = {
-    "gpu": ("pallas_gpu", "xla", "reference"),
+    "gpu": ("pallas_mosaic_gpu", "pallas_gpu", "xla", "reference"),
     "tpu": ("pallas_tpu", "xla", "reference"),
     "cpu": ("xla", "reference"),
 }
@@ -56,6 +56,15 @@ def _pallas_gpu(q, kv, table, **kwargs):
   return selected_page_decode.selected_page_decode(q, kv, table, **kwargs)
 
 
+def _pallas_mosaic_gpu(q, kv, table, **kwargs):
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError("pallas_mosaic_gpu runs on GPUs")
+  if getattr(jax.devices()[0], "compute_capability", None) != "9.0":  # wgmma is Hopper's.
+    raise NotImplementedError("pallas_mosaic_gpu runs on Hopper GPUs (compute capability 9.0)")
+  from pallas_kernels.gpu import mosaic_decode  # pylint: disable=g-import-not-at-top
+  return mosaic_decode.mosaic_decode(q, kv, table, **kwargs)
+
+
 def _pallas_tpu(q, kv, table, **kwargs):
   if jax.default_backend() != "tpu":
     raise NotImplementedError("pallas_tpu runs on TPUs")
@@ -66,6 +75,7 @@ def _pallas_tpu(q, kv, table, **kwargs):
 register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 register_implementation("pallas_gpu", _pallas_gpu)
+register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)
 register_implementation("pallas_tpu", _pallas_tpu)
 
 

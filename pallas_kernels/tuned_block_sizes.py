@@ -67,6 +67,28 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_bloc
   return splits
 
 
+# The Mosaic GPU (Hopper) decode kernel: keys per TMA buffer and buffers in the ring. Measured
+# on an H100 (BF16, page 16, 25% and 6.25% of the pages at 1 x 128K, 25% at 8 x 32K; BENCHMARKS.md):
+# 64 keys with 3 or 4 buffers and 128 keys with 2 were level (67-70 us at 1 x 128K, 110.6-114.8 us
+# at 8 x 32K), but with 6.25% of the pages at 1 x 128K, 128-key buffers took 60 us against 33.
+# One CUDA block per multiprocessor (its shared memory allows no second); twice as many splits
+# was 6% to 23% slower.
+MOSAIC_DECODE_KEYS_PER_BLOCK = 64
+MOSAIC_DECODE_STAGES = 3
+MOSAIC_DECODE_MAX_SMEM = 232448  # Bytes of shared memory a CUDA block may have on an H100.
+
+
+def mosaic_decode_pages_per_block(page_size: int) -> int:
+  return max(1, MOSAIC_DECODE_KEYS_PER_BLOCK // page_size)
+
+
+def mosaic_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_block: int,
+                      num_cores: int) -> int:
+  """Splits per sequence for one CUDA block per multiprocessor, at most one per page block."""
+  most = max(1, -(-max_pages // pages_per_block))
+  return max(1, min(num_cores // (batch * num_kv_heads), most))
+
+
 # TPU: pages per DMA block by page size: 256 keys a block (two full lane rows of logits), so that
 # two blocks in flight are 2 x 256 x head_dim x 2 arrays' worth of DMAs (256 KiB for a bf16 head
 # of 128). docs/tpu.md derives this from the chips' bandwidth; it is a plan, not a measurement.
