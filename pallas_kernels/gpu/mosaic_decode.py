@@ -7,14 +7,16 @@ memory warpgroup copies the split's pool slots into shared memory, then gathers 
 copy per page of K and of V, into a ring of `stages` buffers of `pages_per_block` pages each,
 refilling a buffer as soon as the compute warpgroup releases it. The compute warpgroup
 multiplies the kv head's query rows (GQA packing, padded to wgmma's 64 rows) by each buffer with
-wgmma, masks keys by a per-key bias row (0, or MASK_VALUE where the table does not attend the
-key), keeps an online softmax in registers, and writes (m, l, acc) per split; `splits.combine`
-merges the splits (sinks join there), as for the Triton kernel (`selected_page_decode`).
+wgmma, masks each row's keys by position (a key's position, or NEVER where the table does not
+attend it, against the row's query position), keeps an online softmax in registers, and writes
+(m, l, acc) per split; `splits.combine` merges the splits (sinks join there), as for the Triton
+kernel (`selected_page_decode`).
 
-Scope: caches whose pages are all BF16, one query token, head_dim 64 or 128. Other inputs raise
-NotImplementedError, and the dispatcher takes the next implementation (the Triton kernel). Pallas's
-GPU interpret mode cannot run this kernel (jax 0.10: no rules for layout casts or transposed
-shared-memory operands), so off a GPU it is checked by lowering only.
+Scope: caches whose pages are all BF16, bfloat16 queries (1..8 tokens, at most 64 query rows a kv
+head), head_dim 64 or 128. Other inputs raise NotImplementedError, and the dispatcher takes the
+next implementation (the Triton kernel). Pallas's GPU interpret mode cannot run this kernel (jax
+0.10: no rules for layout casts or transposed shared-memory operands), so off a GPU its inputs
+are checked through a NumPy model of its arithmetic, and the kernel by its lowering.
 """
 
 import functools
@@ -26,21 +28,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from intent_jax import cache as cache_lib
-from intent_jax.page_table import BITS_PER_WORD, PageTable
+from intent_jax.page_table import PageTable
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.gpu.selected_page_decode import visible_bits
 from pallas_kernels.splits import MASK_VALUE
 
 ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
+NEVER = 2**30  # The position of a key the table does not attend: after every query row.
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
 _SWIZZLE = 128  # Bytes; shared-memory tiles of 8 rows by 64 bf16 channels.
 
 
 def _smem_bytes(share: int, keys: int, head_dim: int, stages: int) -> int:
-  fixed = ROWS * head_dim * (2 + 4) + 2 * ROWS * 4 + share * 4 + 1024  # q, acc, m, l, slots.
-  return fixed + stages * (2 * keys * head_dim * 2 + keys * 4)  # K, V, bias per buffer.
+  fixed = ROWS * head_dim * (2 + 4) + 3 * ROWS * 4 + share * 4 + 1024  # q, acc, m, l, slots.
+  return fixed + stages * (2 * keys * head_dim * 2 + keys * 4)  # K, V, key positions.
 
 
 def static_validate_inputs(q, cache, table) -> None:
@@ -50,21 +52,20 @@ def static_validate_inputs(q, cache, table) -> None:
   stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
   if stored != [Precision.BF16] or jnp.dtype(cache.config.dtype) != jnp.bfloat16:
     raise NotImplementedError("pallas_mosaic_gpu reads caches of bfloat16 pages only")
-  if q.shape[1] != 1:
-    raise NotImplementedError("pallas_mosaic_gpu attends one query token")
   if q.dtype != jnp.bfloat16:
     raise NotImplementedError(f"pallas_mosaic_gpu multiplies bfloat16 queries, not {q.dtype}")
-  if q.shape[2] // cache.config.num_kv_heads > ROWS:
-    raise NotImplementedError(f"pallas_mosaic_gpu packs at most {ROWS} query heads per kv head")
+  if q.shape[1] * q.shape[2] // cache.config.num_kv_heads > ROWS:
+    raise NotImplementedError(
+        f"pallas_mosaic_gpu packs at most {ROWS} query rows (query heads per kv head x tokens)")
   if cache.config.head_dim not in (64, 128):
     raise NotImplementedError("pallas_mosaic_gpu needs head_dim 64 or 128")
   if table.page_size % 8 or table.page_size > 128:
     raise NotImplementedError("pallas_mosaic_gpu needs a page_size that is a multiple of 8, <= 128")
 
 
-def _kernel(q_ref, slots_ref, bias_ref, steps_ref, k_ref, v_ref, m_out, l_out, acc_out,
-            q_smem, slots_smem, k_smem, v_smem, bias_smem, m_smem, l_smem, acc_smem,
-            q_barrier, slots_barrier, k_barriers, v_barriers, k_free, v_free, *,
+def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref, m_out, l_out,
+            acc_out, q_smem, row_pos_smem, slots_smem, k_smem, v_smem, key_pos_smem, m_smem,
+            l_smem, acc_smem, q_barrier, slots_barrier, k_barriers, v_barriers, k_free, v_free, *,
             pages_per_block, page_size, stages, scale, softcap):
   b, h, s = lax.axis_index("seq"), lax.axis_index("head"), lax.axis_index("split")
   steps = steps_ref[b, s]
@@ -73,8 +74,10 @@ def _kernel(q_ref, slots_ref, bias_ref, steps_ref, k_ref, v_ref, m_out, l_out, a
   @pl.when(lax.axis_index("wg") == 0)
   def _compute():
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier)
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, h], row_pos_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
     row = plgpu.Layout.WGMMA.reduce(1)
+    row_pos = plgpu.layout_cast(row_pos_smem[...], row)
     m = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), row)
     l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row)
     acc = plgpu.layout_cast(jnp.zeros(acc_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
@@ -89,12 +92,14 @@ def _kernel(q_ref, slots_ref, bias_ref, steps_ref, k_ref, v_ref, m_out, l_out, a
         return acc_ref[...]
 
       logits = pl.run_scoped(logits_of, plgpu.ACC((ROWS, keys), jnp.float32))
-      bias = plgpu.layout_cast(bias_smem[buf], plgpu.Layout.WGMMA.reduce(0))
+      key_pos = plgpu.layout_cast(key_pos_smem[buf], plgpu.Layout.WGMMA.reduce(0))
       plgpu.barrier_arrive(k_free.at[buf])
       logits = logits * scale
       if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
-      logits = jnp.where(lax.broadcast_in_dim(bias, logits.shape, [1]) < 0, MASK_VALUE, logits)
+      visible = (lax.broadcast_in_dim(key_pos, logits.shape, [1]) <=
+                 lax.broadcast_in_dim(row_pos, logits.shape, [0]))
+      logits = jnp.where(visible, logits, MASK_VALUE)
       m_next = jnp.maximum(m_prev, logits.max(axis=1))
       correction = jnp.exp(m_prev - m_next)
       # As in the Triton kernel: a row that has seen nothing subtracts 0, so masked keys weigh 0.
@@ -140,32 +145,28 @@ def _kernel(q_ref, slots_ref, bias_ref, steps_ref, k_ref, v_ref, m_out, l_out, a
       buf = lax.rem(i, stages)
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_free.at[buf]))
       gather(k_ref, k_smem, k_barriers.at[buf], i)
-      plgpu.copy_gmem_to_smem(bias_ref.at[b, s, pl.ds(i * keys, keys)], bias_smem.at[buf],
-                              k_barriers.at[buf])
+      plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)],
+                              key_pos_smem.at[buf], k_barriers.at[buf])
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(v_free.at[buf]))
       gather(v_ref, v_smem, v_barriers.at[buf], i)
 
 
-def program_entries(cache, table, q_positions, num_splits: int, pages_per_block: int):
+def program_entries(cache, table, num_splits: int, pages_per_block: int):
   """Each split's share of the table, in whole blocks of `pages_per_block` entries.
 
-  Returns (slots i32[batch, splits, share / 32, 32], bias f32[batch, splits, share * page_size],
-  steps i32[batch, splits]): split s of a sequence holding n entries takes entries
-  s * d .. (s + 1) * d, d = ceil(n / (splits * pages_per_block)) * pages_per_block, in `steps`
-  blocks; the bias is 0 for a key the table attends (at or before the query position), else
-  MASK_VALUE; entries past the split's or the table's end are slot 0 with MASK_VALUE bias.
-  `share` is the most entries a split can take, rounded up to 32.
+  Returns (slots i32[batch, splits, share / 32, 32], key positions i32[batch, splits,
+  share * page_size], steps i32[batch, splits]): split s of a sequence holding n entries takes
+  entries s * d .. (s + 1) * d, d = ceil(n / (splits * pages_per_block)) * pages_per_block, in
+  `steps` blocks; a key's position is its token's, or NEVER where the table does not attend it
+  (entries past the split's or the table's end: slot 0, NEVER). `share` is the most entries a
+  split can take, rounded up to 32.
   """
   pools, slots = cache_lib.lookup(cache, table)
   batch, max_pages = slots.shape
-  page_size = table.page_size
-  bits = jax.lax.bitcast_convert_type(
-      visible_bits(table, pools != cache_lib.UNMAPPED, q_positions), jnp.uint32)
-  token = jnp.arange(page_size, dtype=jnp.uint32)
-  attended = ((bits[:, :, token // BITS_PER_WORD] >> (token % BITS_PER_WORD)) & 1) == 1
+  attended = table.page_token_mask() & (pools != cache_lib.UNMAPPED)[:, :, None]
   # One more entry past the table, never attended: where entries past a split's end read.
-  bias = jnp.pad(jnp.where(attended, 0.0, MASK_VALUE), ((0, 0), (0, 1), (0, 0)),
-                 constant_values=MASK_VALUE)
+  key_pos = jnp.pad(jnp.where(attended, table.token_positions(), NEVER),
+                    ((0, 0), (0, 1), (0, 0)), constant_values=NEVER)
   slots = jnp.pad(jnp.maximum(slots, 0), ((0, 0), (0, 1)))
   count = jnp.minimum(table.num_pages, max_pages)
   per_split = num_splits * pages_per_block
@@ -176,16 +177,23 @@ def program_entries(cache, table, q_positions, num_splits: int, pages_per_block:
   own = (local < dyn_share[:, None, None]) & (index < count[:, None, None])
   index = jnp.where(own, index, max_pages).reshape(batch, -1)  # [batch, splits * share]
   prog_slots = jnp.take_along_axis(slots, index, axis=1)
-  prog_bias = jnp.take_along_axis(bias, index[:, :, None], axis=1)
+  prog_key_pos = jnp.take_along_axis(key_pos, index[:, :, None], axis=1)
   remaining = jnp.clip(count[:, None] - jnp.arange(num_splits) * dyn_share[:, None], 0,
                        dyn_share[:, None])
   return (prog_slots.reshape(batch, num_splits, share // SLOTS_PER_ROW, SLOTS_PER_ROW),
-          prog_bias.reshape(batch, num_splits, share * page_size).astype(jnp.float32),
+          prog_key_pos.reshape(batch, num_splits, -1).astype(jnp.int32),
           ((remaining + pages_per_block - 1) // pages_per_block).astype(jnp.int32))
 
 
-def run_kernel(q_rows, prog_slots, bias, steps, cache, *, pages_per_block: int, stages: int,
-               scale: float, softcap):
+def row_positions(q_positions, group: int):
+  """i32[batch, ROWS]: the position of each query row (row g * q_len + t: token t), -1 (sees
+  nothing) for padding rows."""
+  rows = jnp.tile(q_positions.astype(jnp.int32), (1, group))
+  return jnp.pad(rows, ((0, 0), (0, ROWS - rows.shape[1])), constant_values=-1)
+
+
+def run_kernel(q_rows, row_pos, prog_slots, key_pos, steps, cache, *, pages_per_block: int,
+               stages: int, scale: float, softcap):
   """The Mosaic GPU kernel: per (sequence, kv head, split), f32 (m, l, acc)."""
   batch, num_kv_heads, rows, head_dim = q_rows.shape
   num_splits = prog_slots.shape[1]
@@ -200,16 +208,17 @@ def run_kernel(q_rows, prog_slots, bias, steps, cache, *, pages_per_block: int, 
                                                jnp.float32)
   scratch = [
       plgpu.SMEM((rows, head_dim), jnp.bfloat16, transforms=swizzled),
+      plgpu.SMEM((rows,), jnp.int32),
       plgpu.SMEM(prog_slots.shape[2:], jnp.int32),
       plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=swizzled),
       plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=swizzled),
-      plgpu.SMEM((stages, keys), jnp.float32),
+      plgpu.SMEM((stages, keys), jnp.int32),
       plgpu.SMEM((rows,), jnp.float32),
       plgpu.SMEM((rows,), jnp.float32),
       plgpu.SMEM((rows, head_dim), jnp.float32),
+      plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
       plgpu.Barrier(),
-      plgpu.Barrier(),
-      plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=stages),  # K pages + bias.
+      plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=stages),  # K pages, positions.
       plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
@@ -218,16 +227,17 @@ def run_kernel(q_rows, prog_slots, bias, steps, cache, *, pages_per_block: int, 
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
       grid_names=("seq", "head", "split"), num_threads=2, thread_name="wg")
-  return call(q_rows, prog_slots, bias, steps, pool.k, pool.v)
+  row_pos = jnp.broadcast_to(row_pos[:, None], (batch, num_kv_heads, rows))
+  return call(q_rows, row_pos, prog_slots, key_pos, steps, pool.k, pool.v)
 
 
 def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
                   sinks=None, scale=None, softcap=None, return_lse: bool = False,
                   num_splits: int | None = None, pages_per_block: int | None = None,
                   stages: int = tuned_block_sizes.MOSAIC_DECODE_STAGES):
-  """Decode attention of one query token over the table's tokens, read from BF16 pages.
+  """Decode attention of 1..8 query tokens over the table's tokens, read from BF16 pages.
 
-  Args and returns as `selected_page_decode.selected_page_decode` (q_len must be 1); num_splits
+  Args and returns as `selected_page_decode.selected_page_decode`; num_splits
   default from the shape (`tuned_block_sizes.mosaic_num_splits`), pages_per_block and stages
   (TMA buffers) from tuned_block_sizes.
   """
@@ -247,10 +257,13 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
     raise NotImplementedError(f"pallas_mosaic_gpu: {share} entries a split, {stages} buffers of"
                               f" {pages_per_block} pages do not fit in shared memory")
   if q_positions is None:
-    q_positions = table.query_positions(1)
-  q_rows = splits.query_rows(q, cache.config.num_kv_heads, ROWS)
-  inputs = program_entries(cache, table, q_positions, num_splits, pages_per_block)
-  partials = run_kernel(q_rows, *inputs, cache, pages_per_block=pages_per_block, stages=stages,
-                        scale=head_dim**-0.5 if scale is None else scale, softcap=softcap)
+    q_positions = table.query_positions(q.shape[1])
+  num_kv_heads = cache.config.num_kv_heads
+  q_rows = splits.query_rows(q, num_kv_heads, ROWS)
+  row_pos = row_positions(q_positions, q.shape[2] // num_kv_heads)
+  inputs = program_entries(cache, table, num_splits, pages_per_block)
+  partials = run_kernel(q_rows, row_pos, *inputs, cache, pages_per_block=pages_per_block,
+                        stages=stages, scale=head_dim**-0.5 if scale is None else scale,
+                        softcap=softcap)
   out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)
   return out if return_lse else out.astype(q.dtype)

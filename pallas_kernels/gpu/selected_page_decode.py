@@ -157,7 +157,7 @@ def _kernel(*refs, precisions, num_pool_refs, pages_per_block, page_size, num_sp
     ref[...] = value
 
 
-def visible_bits(table, mapped, q_positions):
+def _visible_bits(table, mapped, q_positions):
   """i32[batch, max_pages, words]: the table's token bits, cleared on unmapped entries and, for a
   single query token, past its position (so the kernel masks keys by these bits alone)."""
   bits = jnp.where(mapped[:, :, None], table.token_bits, 0)
@@ -186,14 +186,14 @@ def _by_precision(key, entries):
 
 def _entries(cache, table, q_positions, min_entries: int):
   """The table's entries for the kernel: (bounds i32[batch, 8], entries i32[batch, n, 2 + words])
-  with columns (slot, page id, token bits (`visible_bits`)...), grouped by stored precision
+  with columns (slot, page id, token bits (`_visible_bits`)...), grouped by stored precision
   when the cache holds more than one: entries bounds[p] .. bounds[p+1] are stored in Precision p.
   n is the table's width, padded to at least `min_entries`.
   """
   pools, slots = cache_lib.lookup(cache, table)
   mapped = pools != cache_lib.UNMAPPED
   entries = jnp.concatenate([jnp.maximum(slots, 0)[:, :, None], table.page_ids[:, :, None],
-                             visible_bits(table, mapped, q_positions)], axis=2)
+                             _visible_bits(table, mapped, q_positions)], axis=2)
   stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
   if len(stored) == 1:  # Nothing to group; unmapped entries are masked by their bits.
     in_table = jnp.minimum(table.num_pages, table.max_pages)[:, None]
