@@ -4,6 +4,7 @@ flushed before each).
 
   python -m benchmarks.decode_breakdown --shapes=8x131072,1x131072 --storages=bf16,int4
 
+For BF16 pages it also times the stages of the Mosaic GPU kernel's path ("mosaic: ...").
 --split_factors also times the whole call with the default split count times each factor.
 --query_selection also times, for the first selection's BF16 cache, what choosing pages by the
 query does per layer (`selection_stages`): the Pallas selection kernel, the jax.numpy reference,
@@ -28,6 +29,7 @@ from intent_jax import traces
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import mosaic_decode
 from pallas_kernels.gpu import select_pages as select_kernel
 from pallas_kernels.gpu import selected_page_decode as kernel
 
@@ -84,6 +86,33 @@ def selection_stages(q, cache, fraction: float) -> dict:
   }
 
 
+def mosaic_stages(q, cache, table) -> dict:
+  """The Mosaic GPU kernel's path: the whole call, the wrapper's split of the table with the
+  query rows, the kernel alone, the log-sum-exp combine."""
+  pages_per_block = tuned_block_sizes.mosaic_decode_pages_per_block(table.page_size)
+  num_splits = tuned_block_sizes.mosaic_num_splits(q.shape[0], 8, table.max_pages,
+                                                   pages_per_block,
+                                                   tuned_block_sizes.GPU_DEFAULT_CORES)
+
+  def prepare(q, cache, table):
+    row_pos = mosaic_decode.row_positions(table.query_positions(1), q.shape[2] // 8)
+    return (splits.query_rows(q, 8, mosaic_decode.ROWS), row_pos) + mosaic_decode.program_entries(
+        cache, table, num_splits, pages_per_block)
+
+  inputs = prepare(q, cache, table)
+  run_kernel = functools.partial(mosaic_decode.run_kernel, pages_per_block=pages_per_block,
+                                 stages=tuned_block_sizes.MOSAIC_DECODE_STAGES, scale=128**-0.5,
+                                 softcap=None)
+  partials = run_kernel(*inputs, cache)
+  return {
+      f"mosaic: mosaic_decode splits={num_splits}": (mosaic_decode.mosaic_decode,
+                                                      (q, cache, table)),
+      "mosaic: prepare (entries, rows)": (prepare, (q, cache, table)),
+      "mosaic: kernel": (run_kernel, inputs + (cache,)),
+      "mosaic: combine": (lambda p: splits.combine(p, q.shape), (partials,)),
+  }
+
+
 def main(argv):
   del argv
   rows, rng = [], np.random.default_rng(0)
@@ -129,6 +158,7 @@ def main(argv):
         if _QUERY_SELECTION.value and storage == "bf16" and selection == first_selection:
           stages.update(selection_stages(q, cache, selection))
         if storage == "bf16":
+          stages.update(mosaic_stages(q, cache, table))
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]
           stages["jax pallas paged_attention"] = (
