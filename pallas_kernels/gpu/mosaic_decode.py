@@ -40,6 +40,12 @@ SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 ro
 _SWIZZLE = 128  # Bytes; shared-memory tiles of 8 rows by 64 bf16 channels.
 
 
+def _split_share(max_pages: int, num_splits: int, pages_per_block: int) -> int:
+  """The most table entries a split can take (whole blocks), rounded up to rows of slots."""
+  blocks = -(-max_pages // (num_splits * pages_per_block))
+  return -(-blocks * pages_per_block // SLOTS_PER_ROW) * SLOTS_PER_ROW
+
+
 def _smem_bytes(share: int, keys: int, head_dim: int, stages: int) -> int:
   fixed = ROWS * head_dim * (2 + 4) + 3 * ROWS * 4 + share * 4 + 1024  # q, acc, m, l, slots.
   return fixed + stages * (2 * keys * head_dim * 2 + keys * 4)  # K, V, key positions.
@@ -57,6 +63,8 @@ def static_validate_inputs(q, cache, table) -> None:
   if q.shape[1] * q.shape[2] // cache.config.num_kv_heads > ROWS:
     raise NotImplementedError(
         f"pallas_mosaic_gpu packs at most {ROWS} query rows (query heads per kv head x tokens)")
+  if cache.config.max_seq_len >= NEVER:
+    raise NotImplementedError(f"pallas_mosaic_gpu holds positions below {NEVER}")
   if cache.config.head_dim not in (64, 128):
     raise NotImplementedError("pallas_mosaic_gpu needs head_dim 64 or 128")
   if table.page_size % 8 or table.page_size > 128:
@@ -171,7 +179,7 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
   count = jnp.minimum(table.num_pages, max_pages)
   per_split = num_splits * pages_per_block
   dyn_share = (count + per_split - 1) // per_split * pages_per_block  # d above, per sequence.
-  share = -(-(-(-max_pages // per_split) * pages_per_block) // SLOTS_PER_ROW) * SLOTS_PER_ROW
+  share = _split_share(max_pages, num_splits, pages_per_block)
   local = jnp.arange(share)[None, None, :]
   index = jnp.arange(num_splits)[None, :, None] * dyn_share[:, None, None] + local
   own = (local < dyn_share[:, None, None]) & (index < count[:, None, None])
@@ -251,7 +259,7 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.mosaic_num_splits(
         q.shape[0], cache.config.num_kv_heads, table.max_pages, pages_per_block, cores)
-  share = -(-table.max_pages // (num_splits * pages_per_block)) * pages_per_block
+  share = _split_share(table.max_pages, num_splits, pages_per_block)
   if _smem_bytes(share, pages_per_block * page_size, head_dim, stages) > (
       tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM) or share > 256 * SLOTS_PER_ROW:
     raise NotImplementedError(f"pallas_mosaic_gpu: {share} entries a split, {stages} buffers of"
