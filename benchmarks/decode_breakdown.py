@@ -94,11 +94,8 @@ def mosaic_stages(q, cache, table) -> dict:
                                                    pages_per_block,
                                                    tuned_block_sizes.GPU_DEFAULT_CORES)
 
-  def prepare(q, cache, table):
-    row_pos = mosaic_decode.row_positions(table.query_positions(1), q.shape[2] // 8)
-    return (splits.query_rows(q, 8, mosaic_decode.ROWS), row_pos) + mosaic_decode.program_entries(
-        cache, table, num_splits, pages_per_block)
-
+  prepare = lambda q, cache, table: mosaic_decode.prepare(
+      q, cache, table, table.query_positions(1), num_splits, pages_per_block)
   inputs = prepare(q, cache, table)
   run_kernel = functools.partial(mosaic_decode.run_kernel, pages_per_block=pages_per_block,
                                  stages=tuned_block_sizes.MOSAIC_DECODE_STAGES, scale=128**-0.5,

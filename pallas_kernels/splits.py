@@ -25,6 +25,13 @@ def query_rows(q, num_kv_heads: int, rows: int):
   return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - group * q_len), (0, 0)))
 
 
+def row_positions(q_positions, group: int, rows: int):
+  """The position of each `query_rows` row, i32[batch, rows]: row g * q_len + t is at token t's
+  position, padding rows at -1 (they see no key)."""
+  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))
+  return jnp.pad(row_pos, ((0, 0), (0, rows - row_pos.shape[1])), constant_values=-1)
+
+
 def chosen_channel_rows(q, num_kv_heads: int, channels: int, rows: int):
   """The sketch kernels' query: (chosen i32[batch, kv heads, channels], the channels
   `scoring.top_query_channels` picks per kv head; `query_rows` of float32 q restricted to them,

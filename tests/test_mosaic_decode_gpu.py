@@ -76,16 +76,14 @@ class ProgramEntriesTest(parameterized.TestCase):
     cache, table = bf16_case(5, num_kv_heads=num_kv_heads, page_size=page_size)
     q = jax.random.normal(jax.random.key(1), (BATCH, q_len, num_q_heads, 64), jnp.bfloat16)
     q_positions = cache.lengths[:, None] - q_len - back + jnp.arange(q_len)
-    inputs = kernel.program_entries(cache, table, num_splits, pages_per_block)
-    slots, key_pos, steps = inputs
+    inputs = kernel.prepare(q, cache, table, q_positions, num_splits, pages_per_block)
+    slots, key_pos, steps = inputs[2:]
     self.assertEqual(slots.shape[:2], (BATCH, num_splits))
     self.assertEqual(key_pos.shape[2], slots.shape[2] * slots.shape[3] * page_size)
     # Every entry of the table lies in some split's blocks.
     np.testing.assert_array_equal(
         np.asarray(steps).sum(axis=1) * pages_per_block >= np.asarray(table.num_pages), True)
-    q_rows = splits.query_rows(q, num_kv_heads, kernel.ROWS)
-    row_pos = kernel.row_positions(q_positions, num_q_heads // num_kv_heads)
-    partials = modelled_partials(q_rows, row_pos, *inputs, cache, pages_per_block, 0.125)
+    partials = modelled_partials(*inputs, cache, pages_per_block, 0.125)
     out, lse = splits.combine(partials, q.shape, return_lse=True)
     attend = lambda positions: reference.paged_attention(q, cache, table, q_positions=positions,
                                                          scale=0.125, return_lse=True)

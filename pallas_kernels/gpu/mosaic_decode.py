@@ -82,7 +82,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref,
   @pl.when(lax.axis_index("wg") == 0)
   def _compute():
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier)
-    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, h], row_pos_smem, q_barrier)
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b], row_pos_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
     row = plgpu.Layout.WGMMA.reduce(1)
     row_pos = plgpu.layout_cast(row_pos_smem[...], row)
@@ -140,23 +140,22 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref,
     plgpu.copy_gmem_to_smem(slots_ref.at[b, s], slots_smem, slots_barrier)
     plgpu.barrier_wait(slots_barrier)
 
-    def gather(pool_ref, buffers, barrier, i):
+    def gather(pool_ref, buffer, barrier, i):
       for p in range(pages_per_block):
         entry = i * pages_per_block + p
         slot = slots_smem[entry // SLOTS_PER_ROW, entry % SLOTS_PER_ROW]
-        plgpu.copy_gmem_to_smem(pool_ref.at[h, slot],
-                                buffers.at[lax.rem(i, stages), pl.ds(p * page_size, page_size)],
+        plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * page_size, page_size)],
                                 barrier)
 
     @pl.loop(0, steps)
     def _fetch(i):
       buf = lax.rem(i, stages)
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_free.at[buf]))
-      gather(k_ref, k_smem, k_barriers.at[buf], i)
+      gather(k_ref, k_smem.at[buf], k_barriers.at[buf], i)
       plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)],
                               key_pos_smem.at[buf], k_barriers.at[buf])
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(v_free.at[buf]))
-      gather(v_ref, v_smem, v_barriers.at[buf], i)
+      gather(v_ref, v_smem.at[buf], v_barriers.at[buf], i)
 
 
 def program_entries(cache, table, num_splits: int, pages_per_block: int):
@@ -193,16 +192,20 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
           ((remaining + pages_per_block - 1) // pages_per_block).astype(jnp.int32))
 
 
-def row_positions(q_positions, group: int):
-  """i32[batch, ROWS]: the position of each query row (row g * q_len + t: token t), -1 (sees
-  nothing) for padding rows."""
-  rows = jnp.tile(q_positions.astype(jnp.int32), (1, group))
-  return jnp.pad(rows, ((0, 0), (0, ROWS - rows.shape[1])), constant_values=-1)
+def prepare(q, cache, table, q_positions, num_splits: int, pages_per_block: int):
+  """The kernel's inputs besides the pools: (q rows [batch, kv heads, ROWS, head_dim], row
+  positions i32[batch, ROWS] (`splits.row_positions`), then `program_entries`)."""
+  num_kv_heads = cache.config.num_kv_heads
+  group = q.shape[2] // num_kv_heads
+  return (splits.query_rows(q, num_kv_heads, ROWS),
+          splits.row_positions(q_positions, group, ROWS)) + program_entries(
+              cache, table, num_splits, pages_per_block)
 
 
 def run_kernel(q_rows, row_pos, prog_slots, key_pos, steps, cache, *, pages_per_block: int,
                stages: int, scale: float, softcap):
-  """The Mosaic GPU kernel: per (sequence, kv head, split), f32 (m, l, acc)."""
+  """The Mosaic GPU kernel on `prepare`'s inputs: per (sequence, kv head, split), f32 (m, l,
+  acc)."""
   batch, num_kv_heads, rows, head_dim = q_rows.shape
   num_splits = prog_slots.shape[1]
   pool = cache.pools[Precision.BF16]
@@ -235,7 +238,6 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, steps, cache, *, pages_per_
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
       grid_names=("seq", "head", "split"), num_threads=2, thread_name="wg")
-  row_pos = jnp.broadcast_to(row_pos[:, None], (batch, num_kv_heads, rows))
   return call(q_rows, row_pos, prog_slots, key_pos, steps, pool.k, pool.v)
 
 
@@ -266,11 +268,8 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
                               f" {pages_per_block} pages do not fit in shared memory")
   if q_positions is None:
     q_positions = table.query_positions(q.shape[1])
-  num_kv_heads = cache.config.num_kv_heads
-  q_rows = splits.query_rows(q, num_kv_heads, ROWS)
-  row_pos = row_positions(q_positions, q.shape[2] // num_kv_heads)
-  inputs = program_entries(cache, table, num_splits, pages_per_block)
-  partials = run_kernel(q_rows, row_pos, *inputs, cache, pages_per_block=pages_per_block,
+  inputs = prepare(q, cache, table, q_positions, num_splits, pages_per_block)
+  partials = run_kernel(*inputs, cache, pages_per_block=pages_per_block,
                         stages=stages, scale=head_dim**-0.5 if scale is None else scale,
                         softcap=softcap)
   out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)

@@ -266,13 +266,11 @@ def prepare(q, cache, table, q_positions, pages_per_block):
   row positions (i32[batch, rows], row g * q_len + t -> token t) only for several query tokens.
   """
   group = q.shape[2] // cache.config.num_kv_heads
-  q_rows, used_rows = query_rows(q, cache.config.num_kv_heads)
+  q_rows, _ = query_rows(q, cache.config.num_kv_heads)
   inputs = _entries(cache, table, q_positions, pages_per_block) + (q_rows,)
   if q.shape[1] == 1:
     return inputs
-  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))
-  return inputs + (jnp.pad(row_pos, ((0, 0), (0, q_rows.shape[2] - used_rows)),
-                           constant_values=-1),)
+  return inputs + (splits.row_positions(q_positions, group, q_rows.shape[2]),)
 
 
 def run_kernel(inputs, cache, *, num_splits, blocks, poison, interpret, compute_dtype, scale,
