@@ -4,7 +4,7 @@ flushed before each).
 
   python -m benchmarks.decode_breakdown --shapes=8x131072,1x131072 --storages=bf16,int4
 
-For BF16 pages it also times the stages of the Mosaic GPU kernel's path ("mosaic: ...").
+It also times the stages of the Mosaic GPU kernel's path ("mosaic: ...").
 --split_factors also times the whole call with the default split count times each factor.
 --query_selection also times, for the first selection's BF16 cache, what choosing pages by the
 query does per layer (`selection_stages`): the Pallas selection kernel, the jax.numpy reference,
@@ -98,8 +98,9 @@ def mosaic_stages(q, cache, table) -> dict:
       q, cache, table, table.query_positions(1), num_splits, pages_per_block)
   inputs = prepare(q, cache, table)
   run_kernel = functools.partial(mosaic_decode.run_kernel, pages_per_block=pages_per_block,
-                                 stages=tuned_block_sizes.MOSAIC_DECODE_STAGES, scale=128**-0.5,
-                                 softcap=None)
+                                 stages=tuned_block_sizes.MOSAIC_DECODE_STAGES,
+                                 code_stages=tuned_block_sizes.MOSAIC_DECODE_CODE_STAGES,
+                                 scale=128**-0.5, softcap=None)
   partials = run_kernel(*inputs, cache)
   return {
       f"mosaic: mosaic_decode splits={num_splits}": (mosaic_decode.mosaic_decode,
@@ -154,8 +155,8 @@ def main(argv):
               (q, cache, table))
         if _QUERY_SELECTION.value and storage == "bf16" and selection == first_selection:
           stages.update(selection_stages(q, cache, selection))
+        stages.update(mosaic_stages(q, cache, table))
         if storage == "bf16":
-          stages.update(mosaic_stages(q, cache, table))
           _, slots = kernel.cache_lib.lookup(cache, table)
           pool = cache.pools[Precision.BF16]
           stages["jax pallas paged_attention"] = (

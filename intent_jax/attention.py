@@ -21,6 +21,7 @@ from intent_jax import gather_attention
 from intent_jax import reference
 from intent_jax import sharded
 from intent_jax.page_table import PageTable
+from intent_jax.precision import Precision
 
 MAX_QUERY_TOKENS = 8  # Decode and speculative verification; prefill uses reference.attention.
 
@@ -28,7 +29,7 @@ Implementation = Callable[..., jax.Array]
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 # Preferred order per platform; names not registered are passed over.
 DEFAULT_ORDER = {
-    "gpu": ("pallas_mosaic_gpu", "pallas_gpu", "xla", "reference"),
+    "gpu": ("pallas_mosaic_gpu_bf16", "pallas_gpu", "pallas_mosaic_gpu", "xla", "reference"),
     "tpu": ("pallas_tpu", "xla", "reference"),
     "cpu": ("xla", "reference"),
 }
@@ -65,6 +66,15 @@ def _pallas_mosaic_gpu(q, kv, table, **kwargs):
   return mosaic_decode.mosaic_decode(q, kv, table, **kwargs)
 
 
+def _pallas_mosaic_gpu_bf16(q, kv, table, **kwargs):
+  """The Mosaic GPU kernel where it is the fastest: caches of BF16 pages only. With quantized
+  pools the Triton kernel is faster today (BENCHMARKS.md), so the default order takes it first."""
+  if isinstance(kv, cache_lib.KVCache) and any(
+      pool.num_pages > 0 and pool.precision != Precision.BF16 for pool in kv.pools):
+    raise NotImplementedError("pallas_mosaic_gpu_bf16 reads caches of BF16 pages only")
+  return _pallas_mosaic_gpu(q, kv, table, **kwargs)
+
+
 def _pallas_tpu(q, kv, table, **kwargs):
   if jax.default_backend() != "tpu":
     raise NotImplementedError("pallas_tpu runs on TPUs")
@@ -76,6 +86,7 @@ register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 register_implementation("pallas_gpu", _pallas_gpu)
 register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)
+register_implementation("pallas_mosaic_gpu_bf16", _pallas_mosaic_gpu_bf16)
 register_implementation("pallas_tpu", _pallas_tpu)
 
 

@@ -75,6 +75,7 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_pages: int, pages_per_bloc
 # was 6% to 23% slower.
 MOSAIC_DECODE_KEYS_PER_BLOCK = 64
 MOSAIC_DECODE_STAGES = 3
+MOSAIC_DECODE_CODE_STAGES = 2  # Code buffers per quantized pool (dequantized into the ring).
 MOSAIC_DECODE_MAX_SMEM = 232448  # Bytes of shared memory a CUDA block may have on an H100.
 
 

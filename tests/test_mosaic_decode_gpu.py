@@ -8,10 +8,15 @@ the kernel's arithmetic against the reference, and the kernel's lowering for CUD
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from intent_jax import attention
+from intent_jax import cache as cache_lib
+from intent_jax import quant
 from intent_jax import reference
 from intent_jax.attention import decode_attention
 from intent_jax.layout import BlockLayout, BlockPolicy
@@ -21,7 +26,7 @@ from pallas_kernels import splits
 from pallas_kernels.gpu import mosaic_decode as kernel
 from tests import spec
 
-B16, INT8 = Precision.BF16, Precision.INT8
+B16, FP8, INT8, INT4 = Precision.BF16, Precision.FP8, Precision.INT8, Precision.INT4
 BATCH = spec.KERNEL_BATCH
 ON_HOPPER = getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
@@ -33,23 +38,61 @@ def bf16_case(seed, *, num_kv_heads=2, head_dim=64, page_size=16, recent=16,
                           recent=recent, default_policy=default_policy, formats=(B16,))
 
 
-def modelled_partials(q_rows, row_pos, slots, key_pos, steps, cache, pages_per_block, scale):
+def quantized_case(seed, formats, *, every_page=None, num_kv_heads=2, head_dim=128,
+                   page_size=16):
+  """A routed table over a cache with pools for `formats` (BF16 first); with `every_page`, every
+  full page is moved to that format (a sequence's last page stays BF16), else the router mixes
+  the formats under memory pressure."""
+  eight_bit = FP8 if FP8 in formats else INT8
+  cache, table = spec.kernel_case(seed, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                  page_size=page_size, dtype="bfloat16",
+                                  pressure=0.0 if every_page else 0.6, eight_bit=eight_bit,
+                                  recent=16, formats=formats)
+  if every_page is not None:
+    table = dataclasses.replace(table, precisions=jnp.full_like(table.precisions,
+                                                                int(every_page)))
+    cache = cache_lib.apply_precision(cache, table)
+  return cache, table
+
+
+def stored_pages(cache, precision):
+  """A pool's K (dequantized) and V values (codes, unscaled: the kernel's V scales come from the
+  wrapper), float64[kv heads, slots, page_size, head_dim]."""
+  pool = cache.pools[precision]
+  k, v = pool.k, pool.v
+  if precision == INT4:
+    k, v = quant.unpack_int4(k), quant.unpack_int4(v)
+  k, v = (np.asarray(x.astype(jnp.float32), np.float64) for x in (k, v))
+  if precision != B16:
+    k = k * np.asarray(pool.k_scale, np.float64)[:, :, None, :]
+  return k, v
+
+
+def modelled_partials(q_rows, row_pos, slots, key_pos, blocks, v_scales, cache, pages_per_block,
+                      scale):
   """What the kernel computes from its inputs, in float64 NumPy: (m, l, acc) per split."""
-  pool = cache.pools[B16]
-  k, v = (np.asarray(x, np.float64) for x in (pool.k, pool.v))
-  q_rows, row_pos, slots, key_pos, steps = (
-      np.asarray(x) for x in (q_rows, row_pos, slots, key_pos, steps))
+  pages = [stored_pages(cache, p) for p in kernel.present_precisions(cache)]
+  q_rows, row_pos, slots, key_pos, blocks = (
+      np.asarray(x) for x in (q_rows, row_pos, slots, key_pos, blocks))
   batch, heads, rows, head_dim = q_rows.shape
   num_splits = slots.shape[1]
+  page_size = cache.config.page_size
   m = np.full((batch, heads, num_splits, rows), splits.MASK_VALUE)
   l = np.zeros((batch, heads, num_splits, rows))
   acc = np.zeros((batch, heads, num_splits, rows, head_dim))
   for b in range(batch):
     for s in range(num_splits):
-      entries = slots[b, s].reshape(-1)[:steps[b, s] * pages_per_block]
-      positions = key_pos[b, s][:entries.size * cache.config.page_size]
+      groups = np.repeat(np.arange(blocks.shape[2]), blocks[b, s] * pages_per_block)
+      entries = slots[b, s].reshape(-1)[:groups.size]
+      if not entries.size:
+        continue
+      positions = key_pos[b, s][:entries.size * page_size]
       for h in range(heads):
-        logits = np.asarray(q_rows[b, h], np.float64) @ k[h, entries].reshape(-1, head_dim).T
+        k = np.stack([pages[g][0][h, e] for g, e in zip(groups, entries)]).reshape(-1, head_dim)
+        v = np.stack([pages[g][1][h, e] for g, e in zip(groups, entries)]).reshape(-1, head_dim)
+        if v_scales is not None:
+          v = v * np.asarray(v_scales, np.float64)[b, h, s, :v.shape[0], None]
+        logits = np.asarray(q_rows[b, h], np.float64) @ k.T
         logits = np.where(positions[None, :] <= row_pos[b][:, None], logits * scale, -np.inf)
         seen = np.isfinite(logits).any(axis=1)
         if not seen.any():
@@ -57,7 +100,7 @@ def modelled_partials(q_rows, row_pos, slots, key_pos, steps, cache, pages_per_b
         m[b, h, s] = np.where(seen, logits.max(axis=1), splits.MASK_VALUE)
         weights = np.exp(logits - m[b, h, s][:, None])
         l[b, h, s] = weights.sum(axis=1)
-        acc[b, h, s] = weights @ v[h, entries].reshape(-1, head_dim)
+        acc[b, h, s] = weights @ v
   return tuple(jnp.asarray(x, jnp.float32) for x in (m, l, acc))
 
 
@@ -77,12 +120,14 @@ class ProgramEntriesTest(parameterized.TestCase):
     q = jax.random.normal(jax.random.key(1), (BATCH, q_len, num_q_heads, 64), jnp.bfloat16)
     q_positions = cache.lengths[:, None] - q_len - back + jnp.arange(q_len)
     inputs = kernel.prepare(q, cache, table, q_positions, num_splits, pages_per_block)
-    slots, key_pos, steps = inputs[2:]
+    slots, key_pos, blocks, v_scales = inputs[2:]
     self.assertEqual(slots.shape[:2], (BATCH, num_splits))
     self.assertEqual(key_pos.shape[2], slots.shape[2] * slots.shape[3] * page_size)
+    self.assertIsNone(v_scales)
     # Every entry of the table lies in some split's blocks.
     np.testing.assert_array_equal(
-        np.asarray(steps).sum(axis=1) * pages_per_block >= np.asarray(table.num_pages), True)
+        np.asarray(blocks).sum(axis=(1, 2)) * pages_per_block >= np.asarray(table.num_pages),
+        True)
     partials = modelled_partials(*inputs, cache, pages_per_block, 0.125)
     out, lse = splits.combine(partials, q.shape, return_lse=True)
     attend = lambda positions: reference.paged_attention(q, cache, table, q_positions=positions,
@@ -93,11 +138,64 @@ class ProgramEntriesTest(parameterized.TestCase):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
 
+  @parameterized.named_parameters(
+      ("int8_pages", (B16, INT8), INT8, 3),
+      ("fp8_pages", (B16, FP8), FP8, 2),
+      ("int4_pages", (B16, INT4), INT4, 3),
+      ("mixed_table", (B16, INT8, INT4), None, 4),
+      ("mixed_fp8_one_split", (B16, FP8, INT4), None, 1),
+  )
+  def test_modelled_quantized_pages(self, formats, every_page, num_splits):
+    """Tables over quantized pools: each split's entries grouped by pool in whole blocks, each
+    entry's V scales laid out per split."""
+    cache, table = quantized_case(11, formats, every_page=every_page)
+    stored, _ = cache_lib.lookup(cache, table)
+    in_table = np.arange(table.max_pages) < np.asarray(table.num_pages)[:, None]
+    kinds = set(np.asarray(stored)[in_table].tolist())
+    self.assertGreater(len(kinds), 1)  # Pages of several formats in one table.
+    q = jax.random.normal(jax.random.key(3), (BATCH, 1, 8, 128), jnp.bfloat16)
+    inputs = kernel.prepare(q, cache, table, table.query_positions(1), num_splits, 4)
+    blocks = np.asarray(inputs[4])
+    self.assertEqual(blocks.shape, (BATCH, num_splits, len(formats)))
+    partials = modelled_partials(*inputs, cache, 4, 0.1)
+    out, lse = splits.combine(partials, q.shape, return_lse=True)
+    expected, expected_lse = reference.paged_attention(q, cache, table, scale=0.1,
+                                                       return_lse=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
+
+  def test_blocks_hold_one_format(self):
+    """Each block's entries come from the pool of its group, and every attended token of the
+    table is in exactly one block."""
+    cache, table = quantized_case(12, (B16, INT8, INT4))
+    pools, slots = (np.asarray(x) for x in cache_lib.lookup(cache, table))
+    prog_slots, key_pos, blocks, groups = (
+        np.asarray(x) for x in kernel.program_entries(cache, table, 3, 4))
+    precisions = kernel.present_precisions(cache)
+    positions = np.asarray(table.token_positions())
+    mask = np.asarray(table.page_token_mask())
+    for b in range(BATCH):
+      seen = []
+      for s in range(3):
+        group_of_entry = np.repeat(np.arange(len(precisions)), blocks[b, s] * 4)
+        np.testing.assert_array_equal(groups[b, s, :group_of_entry.size], group_of_entry)
+        entries = prog_slots[b, s].reshape(-1)
+        tokens = key_pos[b, s].reshape(-1, table.page_size)
+        for e in range(group_of_entry.size):
+          if (tokens[e] == kernel.NEVER).all():
+            continue
+          first = tokens[e][tokens[e] != kernel.NEVER][0]
+          page = np.nonzero(((positions[b] == first) & mask[b]).any(axis=1))[0][0]
+          self.assertEqual(pools[b, page], precisions[group_of_entry[e]])
+          self.assertEqual(slots[b, page], entries[e])
+          seen.extend(tokens[e][tokens[e] != kernel.NEVER].tolist())
+      np.testing.assert_array_equal(np.sort(seen), np.sort(positions[b][mask[b]]))
+
   def test_unattended_keys_are_never_visible(self):
     """Keys the table leaves out of partial pages, and entries past each split's share or the
     table, get position NEVER; the others their token's position, once."""
     cache, table = bf16_case(2, recent=0)
-    _, key_pos, _ = kernel.program_entries(cache, table, 2, 4)
+    _, key_pos, _, _ = kernel.program_entries(cache, table, 2, 4)
     key_pos = np.asarray(key_pos).reshape(BATCH, -1)
     mask = np.asarray(table.page_token_mask())
     self.assertLess(mask.sum(), int(jnp.sum(table.num_pages)) * table.page_size)  # Partial pages.
@@ -112,14 +210,27 @@ class ProgramEntriesTest(parameterized.TestCase):
       kernel.static_validate_inputs(jnp.ones((BATCH, 8, 32, 64), jnp.bfloat16), cache, table)
     with self.assertRaisesRegex(NotImplementedError, "bfloat16 queries"):
       kernel.static_validate_inputs(q.astype(jnp.float32), cache, table)
-    mixed, mixed_table = spec.kernel_case(1, num_kv_heads=2, head_dim=64, page_size=16,
-                                          dtype="bfloat16", pressure=0.4, eight_bit=INT8,
-                                          recent=16)
-    with self.assertRaisesRegex(NotImplementedError, "bfloat16 pages only"):
-      kernel.static_validate_inputs(q, mixed, mixed_table)
+    int4, int4_table = spec.kernel_case(1, num_kv_heads=2, head_dim=64, page_size=16,
+                                        dtype="bfloat16", pressure=0.6, eight_bit=INT8,
+                                        recent=16)
+    with self.assertRaisesRegex(NotImplementedError, "INT4 pages of head_dim 128"):
+      kernel.static_validate_inputs(q, int4, int4_table)
+    mixed, mixed_table = quantized_case(1, (B16, FP8, INT4))
+    with self.assertRaisesRegex(NotImplementedError, "do not fit in shared memory"):
+      kernel.mosaic_decode(jnp.ones((BATCH, 1, 4, 128), jnp.bfloat16), mixed, mixed_table,
+                           num_splits=1, stages=4, code_stages=4)
     if jax.default_backend() != "gpu":
       with self.assertRaisesRegex(NotImplementedError, "runs on GPUs"):
         decode_attention(q, cache, table, implementation="pallas_mosaic_gpu")
+
+  def test_default_order_takes_it_for_bf16_pages_only(self):
+    """With quantized pools the Triton kernel is faster, so the default order tries it first."""
+    self.assertEqual(attention.default_implementations("gpu")[:3],
+                     ("pallas_mosaic_gpu_bf16", "pallas_gpu", "pallas_mosaic_gpu"))
+    cache, table = quantized_case(2, (B16, INT8), every_page=INT8)
+    q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
+    with self.assertRaisesRegex(NotImplementedError, "BF16 pages only"):
+      decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_bf16")
 
 
 class LoweringTest(parameterized.TestCase):
@@ -132,6 +243,14 @@ class LoweringTest(parameterized.TestCase):
     q = jnp.ones((BATCH, q_len, 8, head_dim), jnp.bfloat16)
     decode = jax.jit(lambda q, c, t: kernel.mosaic_decode(
         q, c, t, num_splits=2, pages_per_block=pages_per_block, stages=stages, softcap=softcap))
+    text = decode.trace(q, cache, table).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+
+  @parameterized.parameters(((B16, INT8), INT8), ((B16, FP8), None), ((B16, INT8, INT4), None))
+  def test_quantized_pools_lower_for_cuda(self, formats, every_page):
+    cache, table = quantized_case(4, formats, every_page=every_page)
+    q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
+    decode = jax.jit(lambda q, c, t: kernel.mosaic_decode(q, c, t, num_splits=2))
     text = decode.trace(q, cache, table).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
 
@@ -187,6 +306,19 @@ class CompiledTest(parameterized.TestCase):
                                                      default_policy=BlockPolicy.SKIP))
     q = jax.random.normal(jax.random.key(0), (BATCH, 1, 4, 64), jnp.bfloat16)
     np.testing.assert_array_equal(kernel.mosaic_decode(q, cache, table), 0.0)
+
+  @parameterized.named_parameters(
+      ("int8", (B16, INT8), INT8, 16, 3), ("fp8", (B16, FP8), FP8, 16, 2),
+      ("int4", (B16, INT4), INT4, 16, 3), ("int4_page64", (B16, INT4), INT4, 64, 2),
+      ("mixed", (B16, INT8, INT4), None, 16, 4), ("mixed_fp8", (B16, FP8, INT4), None, 32, 1))
+  def test_quantized_pages_match_paged_oracle(self, formats, every_page, page_size, num_splits):
+    cache, table = quantized_case(9, formats, every_page=every_page, page_size=page_size)
+    q = jax.random.normal(jax.random.key(page_size), (BATCH, 1, 8, 128), jnp.bfloat16)
+    out = kernel.mosaic_decode(q, cache, table, num_splits=num_splits, softcap=30.0)
+    expected = reference.paged_attention(q, cache, table, softcap=30.0)
+    out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
+    self.assertTrue(np.isfinite(out).all())
+    self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
 
   def test_dispatched_by_default(self):
     cache, table = bf16_case(6)

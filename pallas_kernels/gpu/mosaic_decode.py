@@ -3,20 +3,26 @@
 Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
 Work: one CUDA block per (sequence, kv head, split), two warpgroups (warp specialization). The
-memory warpgroup copies the split's pool slots into shared memory, then gathers pages by TMA, one
-copy per page of K and of V, into a ring of `stages` buffers of `pages_per_block` pages each,
-refilling a buffer as soon as the compute warpgroup releases it. The compute warpgroup
-multiplies the kv head's query rows (GQA packing, padded to wgmma's 64 rows) by each buffer with
-wgmma, masks each row's keys by position (a key's position, or NEVER where the table does not
-attend it, against the row's query position), keeps an online softmax in registers, and writes
-(m, l, acc) per split; `splits.combine` merges the splits (sinks join there), as for the Triton
-kernel (`selected_page_decode`).
+memory warpgroup copies the split's pool slots into shared memory and fills a ring of `stages`
+BF16 buffers of `pages_per_block` pages each, refilling a buffer as soon as the compute
+warpgroup releases it: BF16 pages by TMA, one copy per page of K and of V, straight into the
+ring; quantized pages (FP8, INT8, INT4) by TMA into a ring of `code_stages` code buffers with
+their scales, then dequantized by the memory warpgroup in registers (K times its scale per
+channel of the page, V times its scale per token) and stored into the ring as bfloat16. The
+wrapper groups each split's table entries by the pool their page is stored in, each group in
+whole blocks, so a block is of one format and the warpgroup runs one branch-free loop per pool.
+The compute warpgroup multiplies the kv head's query rows (GQA packing, padded to wgmma's 64
+rows) by each buffer with wgmma, masks each row's keys by position (a key's position, or NEVER
+where the table does not attend it, against the row's query position), keeps an online softmax
+in registers, and writes (m, l, acc) per split; `splits.combine` merges the splits (sinks join
+there), as for the Triton kernel (`selected_page_decode`).
 
-Scope: caches whose pages are all BF16, bfloat16 queries (1..8 tokens, at most 64 query rows a kv
-head), head_dim 64 or 128. Other inputs raise NotImplementedError, and the dispatcher takes the
-next implementation (the Triton kernel). Pallas's GPU interpret mode cannot run this kernel (jax
-0.10: no rules for layout casts or transposed shared-memory operands), so off a GPU its inputs
-are checked through a NumPy model of its arithmetic, and the kernel by its lowering.
+Scope: caches whose BF16 pool holds bfloat16, bfloat16 queries (1..8 tokens, at most 64 query
+rows a kv head), head_dim 64 or 128 (128 where the cache has an INT4 pool), compute capability
+9.0. Other inputs raise NotImplementedError, and the dispatcher takes the next implementation
+(the Triton kernel). Pallas's GPU interpret mode cannot run this kernel (jax 0.10: no rules for
+layout casts or transposed shared-memory operands), so off a GPU its inputs are checked through
+a NumPy model of its arithmetic, and the kernel by its lowering.
 """
 
 import functools
@@ -37,27 +43,60 @@ from pallas_kernels.splits import MASK_VALUE
 ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
 NEVER = 2**30  # The position of a key the table does not attend: after every query row.
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
-_SWIZZLE = 128  # Bytes; shared-memory tiles of 8 rows by 64 bf16 channels.
+_CODES = plgpu.Layout.WGMMA_8BIT  # Registers of 8-bit codes: 4 a thread, 32-bit loads.
+_CODE_DTYPE = {Precision.FP8: jnp.float8_e4m3fn, Precision.INT8: jnp.int8,
+               Precision.INT4: jnp.uint8}
+# An INT4 nibble n becomes the bfloat16 128 + (n ^ 8) from exponent bits; minus 136 it is n read
+# as a signed nibble (the trick of `quant.int4_nibble_floats`, in 16 bits).
+_NIBBLE_BF16_BITS = 0x4308
+_NIBBLE_BF16_OFFSET = 136
 
 
-def _split_share(max_pages: int, num_splits: int, pages_per_block: int) -> int:
-  """The most table entries a split can take (whole blocks), rounded up to rows of slots."""
-  blocks = -(-max_pages // (num_splits * pages_per_block))
+def _swizzled(width_bytes: int, bits: int):
+  """Shared-memory transforms of rows of `width_bytes` (<= 128) of `bits`-bit values: tiles of 8
+  rows, swizzled, as TMA writes and wgmma reads them."""
+  swizzle = min(128, width_bytes)
+  return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def present_precisions(cache) -> tuple[Precision, ...]:
+  """The formats the cache has pages of: the kernel's pool groups, in this order."""
+  return tuple(pool.precision for pool in cache.pools if pool.num_pages > 0)
+
+
+def _code_width(precision: Precision, head_dim: int) -> int:
+  """Bytes of one token's codes (K or V) of a quantized page."""
+  return head_dim // 2 if precision == Precision.INT4 else head_dim
+
+
+def _split_share(max_pages: int, num_splits: int, pages_per_block: int, num_groups: int) -> int:
+  """The most program entries a split can take: its share of the table in whole blocks, a block
+  more for each further pool group, rounded up to rows of slots."""
+  blocks = -(-max_pages // (num_splits * pages_per_block)) + num_groups - 1
   return -(-blocks * pages_per_block // SLOTS_PER_ROW) * SLOTS_PER_ROW
 
 
-def _smem_bytes(share: int, keys: int, head_dim: int, stages: int) -> int:
-  fixed = ROWS * head_dim * (2 + 4) + 3 * ROWS * 4 + share * 4 + 1024  # q, acc, m, l, slots.
-  return fixed + stages * (2 * keys * head_dim * 2 + keys * 4)  # K, V, key positions.
+def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
+                code_stages: int, quantized) -> int:
+  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; per
+  quantized pool, its ring of K and V codes with their scales. Each buffer rounded up to 1 KiB,
+  with the reduction scratch and barriers (the allocator's measured use, within 1 KiB)."""
+  keys = pages_per_block * page_size
+  buffers = [ROWS * head_dim * 2, ROWS * 4, share * 4, ROWS * 4, ROWS * 4, ROWS * head_dim * 4,
+             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4]
+  for precision in quantized:
+    width = _code_width(precision, head_dim)
+    buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4,
+                                                   code_stages * keys * 4]
+  return sum(-(-n // 1024) * 1024 for n in buffers) + 7 * 1024
 
 
 def static_validate_inputs(q, cache, table) -> None:
   """Raises NotImplementedError for inputs this kernel does not handle."""
   if not isinstance(cache, cache_lib.KVCache):
     raise NotImplementedError("pallas_mosaic_gpu reads a paged KVCache")
-  stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
-  if stored != [Precision.BF16] or jnp.dtype(cache.config.dtype) != jnp.bfloat16:
-    raise NotImplementedError("pallas_mosaic_gpu reads caches of bfloat16 pages only")
+  if jnp.dtype(cache.config.dtype) != jnp.bfloat16:
+    raise NotImplementedError("pallas_mosaic_gpu reads caches whose BF16 pool holds bfloat16")
   if q.dtype != jnp.bfloat16:
     raise NotImplementedError(f"pallas_mosaic_gpu multiplies bfloat16 queries, not {q.dtype}")
   if q.shape[1] * q.shape[2] // cache.config.num_kv_heads > ROWS:
@@ -67,17 +106,92 @@ def static_validate_inputs(q, cache, table) -> None:
     raise NotImplementedError(f"pallas_mosaic_gpu holds positions below {NEVER}")
   if cache.config.head_dim not in (64, 128):
     raise NotImplementedError("pallas_mosaic_gpu needs head_dim 64 or 128")
+  if Precision.INT4 in present_precisions(cache) and cache.config.head_dim != 128:
+    raise NotImplementedError("pallas_mosaic_gpu reads INT4 pages of head_dim 128 only")
   if table.page_size % 8 or table.page_size > 128:
     raise NotImplementedError("pallas_mosaic_gpu needs a page_size that is a multiple of 8, <= 128")
 
 
-def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref, m_out, l_out,
-            acc_out, q_smem, row_pos_smem, slots_smem, k_smem, v_smem, key_pos_smem, m_smem,
-            l_smem, acc_smem, q_barrier, slots_barrier, k_barriers, v_barriers, k_free, v_free, *,
-            pages_per_block, page_size, stages, scale, softcap):
+def _codes_as_bf16(codes, precision: Precision):
+  """Registers of FP8 or INT8 codes -> their bfloat16 values (exact: 8-bit codes fit)."""
+  if precision == Precision.FP8:  # Hopper converts FP8 to f16 only.
+    return codes.astype(jnp.float16).astype(jnp.float32).astype(jnp.bfloat16)
+  return codes.astype(jnp.bfloat16)
+
+
+def _int4_halves_as_bf16(packed):
+  """Registers of packed INT4 bytes -> bfloat16 values of (low nibbles, high nibbles): channels
+  [0, head_dim / 2) and [head_dim / 2, head_dim) (the storage layout of `quant.pack_int4`)."""
+  packed = packed.astype(jnp.int16)
+
+  def as_bf16(nibble):
+    biased = lax.bitcast_convert_type(nibble ^ jnp.int16(_NIBBLE_BF16_BITS), jnp.bfloat16)
+    return biased - jnp.bfloat16(_NIBBLE_BF16_OFFSET)
+
+  return as_bf16(packed & jnp.int16(0xF)), as_bf16(lax.shift_right_logical(packed, jnp.int16(4)))
+
+
+def _broadcast(vector, shape, axis: int):
+  """A float32 vector along `axis` of the codes' register tile of `shape`, as bfloat16."""
+  vector = vector.astype(jnp.bfloat16)
+  return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), _CODES)
+
+
+def _dequantize_k(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
+  """K codes [keys, code width] and scales f32[pages, head_dim] (one per channel of each page)
+  -> out_ref bf16[keys, head_dim]. Products in bfloat16 (the scale rounded to it): the ring
+  holds bfloat16 either way."""
+  keys, head_dim = out_ref.shape
+  rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
+
+  def scaled(values, channels):
+    """values bf16[keys, width] times the scale of their page and of `channels`."""
+    rows_b = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
+    tile = None
+    for page in range(keys // page_size):
+      scale = _broadcast(plgpu.load(scale_ref.at[page, channels], (), layout=_CODES.reduce(0)),
+                         values.shape, 1)
+      tile = scale if tile is None else jnp.where(rows_b >= page * page_size, scale, tile)
+    return values * tile
+
+  codes = plgpu.load(codes_ref, (), layout=_CODES)
+  if precision == Precision.INT4:
+    half = head_dim // 2
+    low, high = _int4_halves_as_bf16(codes)
+    out_ref[:, pl.ds(0, half)] = scaled(low, pl.ds(0, half))
+    out_ref[:, pl.ds(half, half)] = scaled(high, pl.ds(half, half))
+  else:
+    out_ref[...] = scaled(_codes_as_bf16(codes, precision), pl.ds(0, head_dim))
+
+
+def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
+  """V codes [keys, code width] and scales f32[keys] (one per token) -> out_ref bf16[keys,
+  head_dim], products in bfloat16."""
+  head_dim = out_ref.shape[1]
+  scale = plgpu.load(scale_ref, (), layout=_CODES.reduce(1))
+  scaled = lambda values: values * _broadcast(scale, values.shape, 0)
+  codes = plgpu.load(codes_ref, (), layout=_CODES)
+  if precision == Precision.INT4:
+    half = head_dim // 2
+    low, high = _int4_halves_as_bf16(codes)
+    out_ref[:, pl.ds(0, half)] = scaled(low)
+    out_ref[:, pl.ds(half, half)] = scaled(high)
+  else:
+    out_ref[...] = scaled(_codes_as_bf16(codes, precision))
+
+
+def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
+            slots_smem, k_smem, v_smem, key_pos_smem, m_smem, l_smem, acc_smem, codes_smem,
+            q_barrier, slots_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready,
+            v_codes_ready, precisions, pages_per_block, page_size, stages, code_stages, scale,
+            softcap):
+  quantized = [p for p in precisions if p != Precision.BF16]
+  v_scale_ref = refs[0] if quantized else None
+  pool_refs, (m_out, l_out, acc_out) = refs[1 if quantized else 0:-3], refs[-3:]
   b, h, s = lax.axis_index("seq"), lax.axis_index("head"), lax.axis_index("split")
-  steps = steps_ref[b, s]
   keys = pages_per_block * page_size
+  group_blocks = [blocks_ref[b, s, g] for g in range(len(precisions))]
+  steps = functools.reduce(lax.add, group_blocks)
 
   @pl.when(lax.axis_index("wg") == 0)
   def _compute():
@@ -93,7 +207,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref,
     def step(i, carry):
       m_prev, l_prev, acc = carry
       buf = lax.rem(i, stages)
-      plgpu.barrier_wait(k_barriers.at[buf])
+      plgpu.barrier_wait(k_ready.at[buf])
 
       def logits_of(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
@@ -114,7 +228,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref,
       seen = jnp.where(m_next == MASK_VALUE, 0.0, m_next)
       weights = jnp.exp(logits - lax.broadcast_in_dim(seen, logits.shape, [0]))
       l_next = l_prev * correction + weights.sum(axis=1)
-      plgpu.barrier_wait(v_barriers.at[buf])
+      plgpu.barrier_wait(v_ready.at[buf])
 
       def attend(acc_ref):
         plgpu.wgmma(acc_ref, weights.astype(jnp.bfloat16), v_smem.at[buf])
@@ -140,116 +254,237 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, steps_ref, k_ref, v_ref,
     plgpu.copy_gmem_to_smem(slots_ref.at[b, s], slots_smem, slots_barrier)
     plgpu.barrier_wait(slots_barrier)
 
-    def gather(pool_ref, buffer, barrier, i):
+    def gather(pool_ref, buffer, barrier, i, rows=page_size):
+      """One TMA per page of block i: pool_ref[h, slot] -> rows p * rows .. of buffer."""
       for p in range(pages_per_block):
         entry = i * pages_per_block + p
         slot = slots_smem[entry // SLOTS_PER_ROW, entry % SLOTS_PER_ROW]
-        plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * page_size, page_size)],
-                                barrier)
+        plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * rows, rows)], barrier)
 
-    @pl.loop(0, steps)
-    def _fetch(i):
-      buf = lax.rem(i, stages)
-      pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_free.at[buf]))
-      gather(k_ref, k_smem.at[buf], k_barriers.at[buf], i)
-      plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)],
-                              key_pos_smem.at[buf], k_barriers.at[buf])
-      pl.when(i >= stages)(lambda: plgpu.barrier_wait(v_free.at[buf]))
-      gather(v_ref, v_smem.at[buf], v_barriers.at[buf], i)
+    def fetch_key_positions(i, buf):
+      plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)], key_pos_smem.at[buf],
+                              k_ready.at[buf])
+
+    def wait_free(free, i, buf):
+      pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[buf]))
+
+    def bf16_blocks(first, count, k_pool, v_pool):
+      @pl.loop(0, count)
+      def _fetch(j):
+        i = first + j
+        buf = lax.rem(i, stages)
+        wait_free(k_free, i, buf)
+        gather(k_pool, k_smem.at[buf], k_ready.at[buf], i)
+        fetch_key_positions(i, buf)
+        wait_free(v_free, i, buf)
+        gather(v_pool, v_smem.at[buf], v_ready.at[buf], i)
+
+    def quantized_blocks(first, count, precision, k_pool, v_pool, k_scale_pool):
+      k_codes, v_codes, k_scales, v_scales = codes_smem[quantized.index(precision)]
+      ready = lambda barriers, c: barriers.at[quantized.index(precision) * code_stages + c]
+
+      def fetch_codes(j):
+        i, c = first + j, lax.rem(j, code_stages)
+        gather(k_pool, k_codes.at[c], ready(k_codes_ready, c), i)
+        gather(k_scale_pool, k_scales.at[c], ready(k_codes_ready, c), i, rows=1)
+        gather(v_pool, v_codes.at[c], ready(v_codes_ready, c), i)
+        plgpu.copy_gmem_to_smem(v_scale_ref.at[b, h, s, pl.ds(i * keys, keys)], v_scales.at[c],
+                                ready(v_codes_ready, c))
+
+      for j in range(code_stages):
+        pl.when(j < count)(functools.partial(fetch_codes, j))
+
+      @pl.loop(0, count)
+      def _convert(j):
+        i, c = first + j, lax.rem(j, code_stages)
+        buf = lax.rem(i, stages)
+        plgpu.barrier_wait(ready(k_codes_ready, c))
+        wait_free(k_free, i, buf)
+        fetch_key_positions(i, buf)
+        _dequantize_k(k_codes.at[c], k_scales.at[c], k_smem.at[buf], precision, page_size)
+        plgpu.commit_smem()
+        for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
+          plgpu.barrier_arrive(k_ready.at[buf])
+        plgpu.barrier_wait(ready(v_codes_ready, c))
+        wait_free(v_free, i, buf)
+        _dequantize_v(v_codes.at[c], v_scales.at[c], v_smem.at[buf], precision)
+        plgpu.commit_smem()
+        for _ in range(pages_per_block):
+          plgpu.barrier_arrive(v_ready.at[buf])
+        pl.when(j + code_stages < count)(lambda: fetch_codes(j + code_stages))
+
+    first = 0
+    refs_left = list(pool_refs)
+    for g, precision in enumerate(precisions):
+      if precision == Precision.BF16:
+        bf16_blocks(first, group_blocks[g], *refs_left[:2])
+        refs_left = refs_left[2:]
+      else:
+        quantized_blocks(first, group_blocks[g], precision, *refs_left[:3])
+        refs_left = refs_left[3:]
+      first = first + group_blocks[g]
 
 
 def program_entries(cache, table, num_splits: int, pages_per_block: int):
-  """Each split's share of the table, in whole blocks of `pages_per_block` entries.
+  """Each split's share of the table, grouped by pool, each group in whole blocks.
 
-  Returns (slots i32[batch, splits, share / 32, 32], key positions i32[batch, splits,
-  share * page_size], steps i32[batch, splits]): split s of a sequence holding n entries takes
-  entries s * d .. (s + 1) * d, d = ceil(n / (splits * pages_per_block)) * pages_per_block, in
-  `steps` blocks; a key's position is its token's, or NEVER where the table does not attend it
-  (entries past the split's or the table's end: slot 0, NEVER). `share` is the most entries a
-  split can take, rounded up to 32.
+  Split s of a sequence holding n entries takes entries s * d .. (s + 1) * d of the table, d =
+  ceil(n / (splits * pages_per_block)) * pages_per_block; within the split they are ordered by
+  the pool (`present_precisions`) their page is stored in, table order within a pool, and each
+  pool's group is padded to whole blocks of `pages_per_block` entries.
+
+  Returns (slots i32[batch, splits, share / 32, 32], key positions i32[batch, splits, share *
+  page_size], blocks i32[batch, splits, pools] (each group's block count), pools i32[batch,
+  splits, share] (each entry's group)). A key's position is its token's, or NEVER where the
+  table does not attend it (padding: slot 0, NEVER). `share` is the most entries a split can
+  take (`_split_share`).
   """
+  precisions = present_precisions(cache)
+  num_groups = len(precisions)
   pools, slots = cache_lib.lookup(cache, table)
   batch, max_pages = slots.shape
   attended = table.page_token_mask() & (pools != cache_lib.UNMAPPED)[:, :, None]
-  # One more entry past the table, never attended: where entries past a split's end read.
-  key_pos = jnp.pad(jnp.where(attended, table.token_positions(), NEVER),
-                    ((0, 0), (0, 1), (0, 0)), constant_values=NEVER)
-  slots = jnp.pad(jnp.maximum(slots, 0), ((0, 0), (0, 1)))
+  key_pos = jnp.where(attended, table.token_positions(), NEVER)
   count = jnp.minimum(table.num_pages, max_pages)
   per_split = num_splits * pages_per_block
   dyn_share = (count + per_split - 1) // per_split * pages_per_block  # d above, per sequence.
-  share = _split_share(max_pages, num_splits, pages_per_block)
-  local = jnp.arange(share)[None, None, :]
-  index = jnp.arange(num_splits)[None, :, None] * dyn_share[:, None, None] + local
-  own = (local < dyn_share[:, None, None]) & (index < count[:, None, None])
-  index = jnp.where(own, index, max_pages).reshape(batch, -1)  # [batch, splits * share]
+  entry = jnp.arange(max_pages)[None, :]
+  split = jnp.where(entry < count[:, None], entry // jnp.maximum(dyn_share[:, None], 1),
+                    num_splits)  # Past the table: after every split.
+  # Unmapped entries are never attended: any group holds them.
+  group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
+  if num_groups > 1:
+    order = jnp.argsort((split * num_groups + group) * max_pages + entry, axis=1)
+    slots, key_pos, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else
+                                                        order[:, :, None], axis=1)
+                                    for x in (slots, key_pos, split, group))
+  one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
+  sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)  # n per (split, pool).
+  group_start = jnp.cumsum(sizes, axis=2) - sizes  # Within the split's sorted entries.
+  split_start = jnp.clip(jnp.arange(num_splits) * dyn_share[:, None], 0, count[:, None])
+  blocks = (sizes + pages_per_block - 1) // pages_per_block
+  blocks_end = jnp.cumsum(blocks, axis=2)
+  share = _split_share(max_pages, num_splits, pages_per_block, num_groups)
+  position = jnp.arange(share)
+  at_group = jnp.sum(position[None, None, :, None] // pages_per_block >= blocks_end[:, :, None, :],
+                     axis=3)  # [batch, splits, share]
+  own_group = jnp.minimum(at_group, num_groups - 1)
+  of_group = lambda x: jnp.take_along_axis(x, own_group, axis=2)
+  rank = position - (of_group(blocks_end) - of_group(blocks)) * pages_per_block
+  own = (at_group < num_groups) & (rank < of_group(sizes))
+  index = jnp.where(own, split_start[:, :, None] + of_group(group_start) + rank, max_pages)
+  index = index.reshape(batch, -1)
+  # One more entry past the table, never attended: where padding reads.
+  slots = jnp.pad(jnp.maximum(slots, 0), ((0, 0), (0, 1)))
+  key_pos = jnp.pad(key_pos, ((0, 0), (0, 1), (0, 0)), constant_values=NEVER)
   prog_slots = jnp.take_along_axis(slots, index, axis=1)
   prog_key_pos = jnp.take_along_axis(key_pos, index[:, :, None], axis=1)
-  remaining = jnp.clip(count[:, None] - jnp.arange(num_splits) * dyn_share[:, None], 0,
-                       dyn_share[:, None])
   return (prog_slots.reshape(batch, num_splits, share // SLOTS_PER_ROW, SLOTS_PER_ROW),
           prog_key_pos.reshape(batch, num_splits, -1).astype(jnp.int32),
-          ((remaining + pages_per_block - 1) // pages_per_block).astype(jnp.int32))
+          blocks.astype(jnp.int32), own_group.astype(jnp.int32))
+
+
+def program_v_scales(cache, prog_slots, prog_groups):
+  """V's scale of each program entry's tokens, f32[batch, kv heads, splits, share * page_size],
+  read from the entry's pool (1 for BF16 entries); None when the cache holds no quantized page:
+  per-page rows of 4 * page_size bytes are too short for the kernel's copies, so the wrapper
+  lays them out per split."""
+  precisions = present_precisions(cache)
+  if all(p == Precision.BF16 for p in precisions):
+    return None
+  batch, num_splits, share = prog_groups.shape
+  slots = prog_slots.reshape(batch, num_splits, share)
+  out = 1.0
+  for g, precision in enumerate(precisions):
+    if precision != Precision.BF16:
+      scale = cache.pools[precision].v_scale[:, slots]  # [kv heads, batch, splits, share, page]
+      out = jnp.where((prog_groups == g)[None, :, :, :, None], scale, out)
+  out = jnp.moveaxis(jnp.broadcast_to(out, scale.shape), 0, 1)
+  return out.reshape(batch, scale.shape[0], num_splits, -1)
 
 
 def prepare(q, cache, table, q_positions, num_splits: int, pages_per_block: int):
   """The kernel's inputs besides the pools: (q rows [batch, kv heads, ROWS, head_dim], row
-  positions i32[batch, ROWS] (`splits.row_positions`), then `program_entries`)."""
+  positions i32[batch, ROWS] (`splits.row_positions`), slots, key positions, blocks (from
+  `program_entries`), V scales (`program_v_scales`))."""
   num_kv_heads = cache.config.num_kv_heads
   group = q.shape[2] // num_kv_heads
-  return (splits.query_rows(q, num_kv_heads, ROWS),
-          splits.row_positions(q_positions, group, ROWS)) + program_entries(
-              cache, table, num_splits, pages_per_block)
+  prog_slots, key_pos, blocks, groups = program_entries(cache, table, num_splits, pages_per_block)
+  return (splits.query_rows(q, num_kv_heads, ROWS), splits.row_positions(q_positions, group, ROWS),
+          prog_slots, key_pos, blocks, program_v_scales(cache, prog_slots, groups))
 
 
-def run_kernel(q_rows, row_pos, prog_slots, key_pos, steps, cache, *, pages_per_block: int,
-               stages: int, scale: float, softcap):
+def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
+               pages_per_block: int, stages: int, code_stages: int, scale: float, softcap):
   """The Mosaic GPU kernel on `prepare`'s inputs: per (sequence, kv head, split), f32 (m, l,
   acc)."""
   batch, num_kv_heads, rows, head_dim = q_rows.shape
   num_splits = prog_slots.shape[1]
-  pool = cache.pools[Precision.BF16]
   page_size = cache.config.page_size
   keys = pages_per_block * page_size
-  swizzled = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
+  precisions = present_precisions(cache)
+  bf16_tile = _swizzled(head_dim * 2, 16)
+  pool_arrays, codes_smem = [], []
+  for precision in precisions:
+    pool = cache.pools[precision]
+    if precision == Precision.BF16:
+      pool_arrays += [pool.k, pool.v]
+      continue
+    pool_arrays += [pool.k, pool.v, pool.k_scale[:, :, None, :]]
+    width = _code_width(precision, head_dim)
+    codes = lambda: plgpu.SMEM((code_stages, keys, width), _CODE_DTYPE[precision],
+                               transforms=_swizzled(width, 8))
+    codes_smem.append((codes(), codes(),
+                       plgpu.SMEM((code_stages, pages_per_block, head_dim), jnp.float32),
+                       plgpu.SMEM((code_stages, keys), jnp.float32)))
   kernel = functools.partial(
-      _kernel, pages_per_block=pages_per_block, page_size=page_size, stages=stages,
-      scale=float(scale), softcap=None if softcap is None else float(softcap))
+      _kernel, precisions=precisions, pages_per_block=pages_per_block, page_size=page_size,
+      stages=stages, code_stages=code_stages, scale=float(scale),
+      softcap=None if softcap is None else float(softcap))
   partial = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + tail,
                                                jnp.float32)
-  scratch = [
-      plgpu.SMEM((rows, head_dim), jnp.bfloat16, transforms=swizzled),
-      plgpu.SMEM((rows,), jnp.int32),
-      plgpu.SMEM(prog_slots.shape[2:], jnp.int32),
-      plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=swizzled),
-      plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=swizzled),
-      plgpu.SMEM((stages, keys), jnp.int32),
-      plgpu.SMEM((rows,), jnp.float32),
-      plgpu.SMEM((rows,), jnp.float32),
-      plgpu.SMEM((rows, head_dim), jnp.float32),
-      plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
-      plgpu.Barrier(),
-      plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=stages),  # K pages, positions.
-      plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-  ]
+  code_barriers = max(1, len(codes_smem)) * code_stages
+  scratch = dict(
+      q_smem=plgpu.SMEM((rows, head_dim), jnp.bfloat16, transforms=bf16_tile),
+      row_pos_smem=plgpu.SMEM((rows,), jnp.int32),
+      slots_smem=plgpu.SMEM(prog_slots.shape[2:], jnp.int32),
+      k_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
+      v_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
+      key_pos_smem=plgpu.SMEM((stages, keys), jnp.int32),
+      m_smem=plgpu.SMEM((rows,), jnp.float32),
+      l_smem=plgpu.SMEM((rows,), jnp.float32),
+      acc_smem=plgpu.SMEM((rows, head_dim), jnp.float32),
+      codes_smem=tuple(codes_smem),
+      q_barrier=plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
+      slots_barrier=plgpu.Barrier(),
+      # A block's K: its page copies (or as many arrivals) and its key positions; V: its pages.
+      k_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=stages),
+      v_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
+      k_free=plgpu.Barrier(num_barriers=stages),
+      v_free=plgpu.Barrier(num_barriers=stages),
+      # Per quantized pool and code buffer: K codes with their scales, V codes with theirs.
+      k_codes_ready=plgpu.Barrier(num_arrivals=2 * pages_per_block, num_barriers=code_barriers),
+      v_codes_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=code_barriers),
+  )
   call = plgpu.kernel(
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
       grid_names=("seq", "head", "split"), num_threads=2, thread_name="wg")
-  return call(q_rows, row_pos, prog_slots, key_pos, steps, pool.k, pool.v)
+  inputs = (q_rows, row_pos, prog_slots, key_pos, blocks) + (
+      () if v_scales is None else (v_scales,)) + tuple(pool_arrays)
+  return call(*inputs)
 
 
 def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=None,
                   sinks=None, scale=None, softcap=None, return_lse: bool = False,
                   num_splits: int | None = None, pages_per_block: int | None = None,
-                  stages: int = tuned_block_sizes.MOSAIC_DECODE_STAGES):
-  """Decode attention of 1..8 query tokens over the table's tokens, read from BF16 pages.
+                  stages: int = tuned_block_sizes.MOSAIC_DECODE_STAGES,
+                  code_stages: int = tuned_block_sizes.MOSAIC_DECODE_CODE_STAGES):
+  """Decode attention of 1..8 query tokens over the table's tokens, from pages of any format.
 
   Args and returns as `selected_page_decode.selected_page_decode`; num_splits
-  default from the shape (`tuned_block_sizes.mosaic_num_splits`), pages_per_block and stages
-  (TMA buffers) from tuned_block_sizes.
+  default from the shape (`tuned_block_sizes.mosaic_num_splits`), pages_per_block, stages (BF16
+  buffers) and code_stages (code buffers per quantized pool) from tuned_block_sizes.
   """
   static_validate_inputs(q, cache, table)
   page_size, head_dim = table.page_size, cache.config.head_dim
@@ -261,16 +496,19 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.mosaic_num_splits(
         q.shape[0], cache.config.num_kv_heads, table.max_pages, pages_per_block, cores)
-  share = _split_share(table.max_pages, num_splits, pages_per_block)
-  if _smem_bytes(share, pages_per_block * page_size, head_dim, stages) > (
+  precisions = present_precisions(cache)
+  share = _split_share(table.max_pages, num_splits, pages_per_block, len(precisions))
+  quantized = [p for p in precisions if p != Precision.BF16]
+  if _smem_bytes(share, pages_per_block, page_size, head_dim, stages, code_stages, quantized) > (
       tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM) or share > 256 * SLOTS_PER_ROW:
     raise NotImplementedError(f"pallas_mosaic_gpu: {share} entries a split, {stages} buffers of"
-                              f" {pages_per_block} pages do not fit in shared memory")
+                              f" {pages_per_block} pages and {code_stages} code buffers for"
+                              f" {len(quantized)} quantized pools do not fit in shared memory")
   if q_positions is None:
     q_positions = table.query_positions(q.shape[1])
   inputs = prepare(q, cache, table, q_positions, num_splits, pages_per_block)
-  partials = run_kernel(*inputs, cache, pages_per_block=pages_per_block,
-                        stages=stages, scale=head_dim**-0.5 if scale is None else scale,
-                        softcap=softcap)
+  partials = run_kernel(*inputs, cache, pages_per_block=pages_per_block, stages=stages,
+                        code_stages=code_stages,
+                        scale=head_dim**-0.5 if scale is None else scale, softcap=softcap)
   out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)
   return out if return_lse else out.astype(q.dtype)
