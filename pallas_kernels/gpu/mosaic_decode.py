@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from intent_jax import cache as cache_lib
+from intent_jax import quant
 from intent_jax.page_table import PageTable
 from intent_jax.precision import Precision
 from pallas_kernels import splits
@@ -44,8 +45,6 @@ ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
 NEVER = 2**30  # The position of a key the table does not attend: after every query row.
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
 _CODES = plgpu.Layout.WGMMA_8BIT  # Registers of 8-bit codes: 4 a thread, 32-bit loads.
-_CODE_DTYPE = {Precision.FP8: jnp.float8_e4m3fn, Precision.INT8: jnp.int8,
-               Precision.INT4: jnp.uint8}
 # An INT4 nibble n becomes the bfloat16 128 + (n ^ 8) from exponent bits; minus 136 it is n read
 # as a signed nibble (the trick of `quant.int4_nibble_floats`, in 16 bits).
 _NIBBLE_BF16_BITS = 0x4308
@@ -142,16 +141,21 @@ def _dequantize_k(codes_ref, scale_ref, out_ref, precision: Precision, page_size
   -> out_ref bf16[keys, head_dim]. Products in bfloat16 (the scale rounded to it): the ring
   holds bfloat16 either way."""
   keys, head_dim = out_ref.shape
-  rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
 
   def scaled(values, channels):
     """values bf16[keys, width] times the scale of their page and of `channels`."""
-    rows_b = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
     tile = None
     for page in range(keys // page_size):
       scale = _broadcast(plgpu.load(scale_ref.at[page, channels], (), layout=_CODES.reduce(0)),
                          values.shape, 1)
-      tile = scale if tile is None else jnp.where(rows_b >= page * page_size, scale, tile)
+      if tile is None:
+        tile = scale
+        continue
+      # Rows of later pages take their page's scale (an op only where a block has several pages:
+      # Mosaic cannot lay out values nothing uses).
+      rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
+      rows = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
+      tile = jnp.where(rows >= page * page_size, scale, tile)
     return values * tile
 
   codes = plgpu.load(codes_ref, (), layout=_CODES)
@@ -432,7 +436,7 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       continue
     pool_arrays += [pool.k, pool.v, pool.k_scale[:, :, None, :]]
     width = _code_width(precision, head_dim)
-    codes = lambda: plgpu.SMEM((code_stages, keys, width), _CODE_DTYPE[precision],
+    codes = lambda: plgpu.SMEM((code_stages, keys, width), quant.STORAGE_DTYPE[precision],
                                transforms=_swizzled(width, 8))
     codes_smem.append((codes(), codes(),
                        plgpu.SMEM((code_stages, pages_per_block, head_dim), jnp.float32),
