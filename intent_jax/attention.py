@@ -69,8 +69,7 @@ def _pallas_mosaic_gpu(q, kv, table, **kwargs):
 def _pallas_mosaic_gpu_bf16(q, kv, table, **kwargs):
   """The Mosaic GPU kernel where it is the fastest: caches of BF16 pages only. With quantized
   pools the Triton kernel is faster today (BENCHMARKS.md), so the default order takes it first."""
-  if isinstance(kv, cache_lib.KVCache) and any(
-      pool.num_pages > 0 and pool.precision != Precision.BF16 for pool in kv.pools):
+  if isinstance(kv, cache_lib.KVCache) and cache_lib.stored_precisions(kv) != (Precision.BF16,):
     raise NotImplementedError("pallas_mosaic_gpu_bf16 reads caches of BF16 pages only")
   return _pallas_mosaic_gpu(q, kv, table, **kwargs)
 

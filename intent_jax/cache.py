@@ -315,6 +315,11 @@ def read_pages(cache: KVCache, pools, slots):
   return k_out, v_out
 
 
+def stored_precisions(cache: KVCache) -> tuple[Precision, ...]:
+  """The formats the cache has pools of (pools with at least one page), most precise first."""
+  return tuple(pool.precision for pool in cache.pools if pool.num_pages > 0)
+
+
 def lookup(cache: KVCache, table: PageTable):
   """(pools, slots), i32[batch, max_pages]: where each table entry is stored; UNMAPPED past
   num_pages or where the cache holds no such page."""

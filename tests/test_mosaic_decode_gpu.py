@@ -71,7 +71,7 @@ def stored_pages(cache, precision):
 def modelled_partials(q_rows, row_pos, slots, key_pos, blocks, v_scales, cache, pages_per_block,
                       scale):
   """What the kernel computes from its inputs, in float64 NumPy: (m, l, acc) per split."""
-  pages = [stored_pages(cache, p) for p in kernel.present_precisions(cache)]
+  pages = [stored_pages(cache, p) for p in cache_lib.stored_precisions(cache)]
   q_rows, row_pos, slots, key_pos, blocks = (
       np.asarray(x) for x in (q_rows, row_pos, slots, key_pos, blocks))
   batch, heads, rows, head_dim = q_rows.shape
@@ -171,7 +171,7 @@ class ProgramEntriesTest(parameterized.TestCase):
     pools, slots = (np.asarray(x) for x in cache_lib.lookup(cache, table))
     prog_slots, key_pos, blocks, groups = (
         np.asarray(x) for x in kernel.program_entries(cache, table, 3, 4))
-    precisions = kernel.present_precisions(cache)
+    precisions = cache_lib.stored_precisions(cache)
     positions = np.asarray(table.token_positions())
     mask = np.asarray(table.page_token_mask())
     for b in range(BATCH):

@@ -58,11 +58,6 @@ def _swizzled(width_bytes: int, bits: int):
   return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def present_precisions(cache) -> tuple[Precision, ...]:
-  """The formats the cache has pages of: the kernel's pool groups, in this order."""
-  return tuple(pool.precision for pool in cache.pools if pool.num_pages > 0)
-
-
 def _code_width(precision: Precision, head_dim: int) -> int:
   """Bytes of one token's codes (K or V) of a quantized page."""
   return head_dim // 2 if precision == Precision.INT4 else head_dim
@@ -105,7 +100,7 @@ def static_validate_inputs(q, cache, table) -> None:
     raise NotImplementedError(f"pallas_mosaic_gpu holds positions below {NEVER}")
   if cache.config.head_dim not in (64, 128):
     raise NotImplementedError("pallas_mosaic_gpu needs head_dim 64 or 128")
-  if Precision.INT4 in present_precisions(cache) and cache.config.head_dim != 128:
+  if Precision.INT4 in cache_lib.stored_precisions(cache) and cache.config.head_dim != 128:
     raise NotImplementedError("pallas_mosaic_gpu reads INT4 pages of head_dim 128 only")
   if table.page_size % 8 or table.page_size > 128:
     raise NotImplementedError("pallas_mosaic_gpu needs a page_size that is a multiple of 8, <= 128")
@@ -136,52 +131,47 @@ def _broadcast(vector, shape, axis: int):
   return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), _CODES)
 
 
-def _dequantize_k(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
-  """K codes [keys, code width] and scales f32[pages, head_dim] (one per channel of each page)
-  -> out_ref bf16[keys, head_dim]. Products in bfloat16 (the scale rounded to it): the ring
-  holds bfloat16 either way."""
-  keys, head_dim = out_ref.shape
-
-  def scaled(values, channels):
-    """values bf16[keys, width] times the scale of their page and of `channels`."""
-    tile = None
-    for page in range(keys // page_size):
-      scale = _broadcast(plgpu.load(scale_ref.at[page, channels], (), layout=_CODES.reduce(0)),
-                         values.shape, 1)
-      if tile is None:
-        tile = scale
-        continue
-      # Rows of later pages take their page's scale (an op only where a block has several pages:
-      # Mosaic cannot lay out values nothing uses).
-      rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
-      rows = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
-      tile = jnp.where(rows >= page * page_size, scale, tile)
-    return values * tile
-
+def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
+  """Codes [keys, code width] -> out_ref bf16[keys, head_dim] = scaled(values, channels) of their
+  exact bfloat16 values; INT4 as its two halves of the channels (low nibbles, then high)."""
+  head_dim = out_ref.shape[1]
   codes = plgpu.load(codes_ref, (), layout=_CODES)
   if precision == Precision.INT4:
     half = head_dim // 2
-    low, high = _int4_halves_as_bf16(codes)
-    out_ref[:, pl.ds(0, half)] = scaled(low, pl.ds(0, half))
-    out_ref[:, pl.ds(half, half)] = scaled(high, pl.ds(half, half))
+    for values, channels in zip(_int4_halves_as_bf16(codes), (pl.ds(0, half), pl.ds(half, half))):
+      out_ref[:, channels] = scaled(values, channels)
   else:
     out_ref[...] = scaled(_codes_as_bf16(codes, precision), pl.ds(0, head_dim))
 
 
+def _dequantize_k(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
+  """K codes and scales f32[pages, head_dim] (one per channel of each page) -> out_ref bf16[keys,
+  head_dim]. Products in bfloat16 (the scale rounded to it): the ring holds bfloat16 either way."""
+  keys = out_ref.shape[0]
+  pages = keys // page_size
+
+  def scaled(values, channels):
+    """values bf16[keys, width] times the scale of their page and of `channels`."""
+    scale_of = lambda page: _broadcast(
+        plgpu.load(scale_ref.at[page, channels], (), layout=_CODES.reduce(0)), values.shape, 1)
+    tile = scale_of(0)
+    if pages > 1:  # Rows of later pages take their page's scale (no unused row index: Mosaic
+      # cannot lay out values nothing uses).
+      rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
+      rows = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
+      for page in range(1, pages):
+        tile = jnp.where(rows >= page * page_size, scale_of(page), tile)
+    return values * tile
+
+  _store_dequantized(codes_ref, out_ref, precision, scaled)
+
+
 def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
-  """V codes [keys, code width] and scales f32[keys] (one per token) -> out_ref bf16[keys,
-  head_dim], products in bfloat16."""
-  head_dim = out_ref.shape[1]
+  """V codes and scales f32[keys] (one per token) -> out_ref bf16[keys, head_dim], products in
+  bfloat16."""
   scale = plgpu.load(scale_ref, (), layout=_CODES.reduce(1))
-  scaled = lambda values: values * _broadcast(scale, values.shape, 0)
-  codes = plgpu.load(codes_ref, (), layout=_CODES)
-  if precision == Precision.INT4:
-    half = head_dim // 2
-    low, high = _int4_halves_as_bf16(codes)
-    out_ref[:, pl.ds(0, half)] = scaled(low)
-    out_ref[:, pl.ds(half, half)] = scaled(high)
-  else:
-    out_ref[...] = scaled(_codes_as_bf16(codes, precision))
+  _store_dequantized(codes_ref, out_ref, precision,
+                     lambda values, _: values * _broadcast(scale, values.shape, 0))
 
 
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
@@ -334,7 +324,7 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
 
   Split s of a sequence holding n entries takes entries s * d .. (s + 1) * d of the table, d =
   ceil(n / (splits * pages_per_block)) * pages_per_block; within the split they are ordered by
-  the pool (`present_precisions`) their page is stored in, table order within a pool, and each
+  the pool (`cache.stored_precisions`) their page is stored in, table order within a pool, and each
   pool's group is padded to whole blocks of `pages_per_block` entries.
 
   Returns (slots i32[batch, splits, share / 32, 32], key positions i32[batch, splits, share *
@@ -343,7 +333,7 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
   table does not attend it (padding: slot 0, NEVER). `share` is the most entries a split can
   take (`_split_share`).
   """
-  precisions = present_precisions(cache)
+  precisions = cache_lib.stored_precisions(cache)
   num_groups = len(precisions)
   pools, slots = cache_lib.lookup(cache, table)
   batch, max_pages = slots.shape
@@ -393,7 +383,7 @@ def program_v_scales(cache, prog_slots, prog_groups):
   read from the entry's pool (1 for BF16 entries); None when the cache holds no quantized page:
   per-page rows of 4 * page_size bytes are too short for the kernel's copies, so the wrapper
   lays them out per split."""
-  precisions = present_precisions(cache)
+  precisions = cache_lib.stored_precisions(cache)
   if all(p == Precision.BF16 for p in precisions):
     return None
   batch, num_splits, share = prog_groups.shape
@@ -426,7 +416,7 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
   num_splits = prog_slots.shape[1]
   page_size = cache.config.page_size
   keys = pages_per_block * page_size
-  precisions = present_precisions(cache)
+  precisions = cache_lib.stored_precisions(cache)
   bf16_tile = _swizzled(head_dim * 2, 16)
   pool_arrays, codes_smem = [], []
   for precision in precisions:
@@ -500,7 +490,7 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.mosaic_num_splits(
         q.shape[0], cache.config.num_kv_heads, table.max_pages, pages_per_block, cores)
-  precisions = present_precisions(cache)
+  precisions = cache_lib.stored_precisions(cache)
   share = _split_share(table.max_pages, num_splits, pages_per_block, len(precisions))
   quantized = [p for p in precisions if p != Precision.BF16]
   if _smem_bytes(share, pages_per_block, page_size, head_dim, stages, code_stages, quantized) > (

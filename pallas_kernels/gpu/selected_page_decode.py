@@ -194,7 +194,7 @@ def _entries(cache, table, q_positions, min_entries: int):
   mapped = pools != cache_lib.UNMAPPED
   entries = jnp.concatenate([jnp.maximum(slots, 0)[:, :, None], table.page_ids[:, :, None],
                              _visible_bits(table, mapped, q_positions)], axis=2)
-  stored = [pool.precision for pool in cache.pools if pool.num_pages > 0]
+  stored = cache_lib.stored_precisions(cache)
   if len(stored) == 1:  # Nothing to group; unmapped entries are masked by their bits.
     in_table = jnp.minimum(table.num_pages, table.max_pages)[:, None]
     groups = jnp.arange(_BOUNDS)
@@ -232,8 +232,7 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   """
   static_validate_inputs(q, cache, table)
   blocks = blocks or tuned_block_sizes.gpu_decode_blocks(
-      table.page_size, quantized=any(pool.num_pages > 0 and pool.precision != Precision.BF16
-                                        for pool in cache.pools))
+      table.page_size, quantized=cache_lib.stored_precisions(cache) != (Precision.BF16,))
   if num_splits is None:
     cores = getattr(jax.devices()[0], "core_count", None) or tuned_block_sizes.GPU_DEFAULT_CORES
     num_splits = tuned_block_sizes.gpu_num_splits(q.shape[0], cache.config.num_kv_heads,
