@@ -215,6 +215,9 @@ class ProgramEntriesTest(parameterized.TestCase):
                                         recent=16)
     with self.assertRaisesRegex(NotImplementedError, "INT4 pages of head_dim 128"):
       kernel.static_validate_inputs(q, int4, int4_table)
+    for bad in (dict(stages=0), dict(code_stages=0), dict(code_stages=1.5)):
+      with self.assertRaisesRegex(ValueError, "stages must be an int >= 1"):
+        kernel.mosaic_decode(q, cache, table, **bad)
     mixed, mixed_table = quantized_case(1, (B16, FP8, INT4))
     with self.assertRaisesRegex(NotImplementedError, "do not fit in shared memory"):
       kernel.mosaic_decode(jnp.ones((BATCH, 1, 4, 128), jnp.bfloat16), mixed, mixed_table,

@@ -480,6 +480,9 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
   default from the shape (`tuned_block_sizes.mosaic_num_splits`), pages_per_block, stages (BF16
   buffers) and code_stages (code buffers per quantized pool) from tuned_block_sizes.
   """
+  for name, buffers in (("stages", stages), ("code_stages", code_stages)):
+    if not isinstance(buffers, int) or buffers < 1:
+      raise ValueError(f"{name} must be an int >= 1 (buffers in the ring), got {buffers!r}")
   static_validate_inputs(q, cache, table)
   page_size, head_dim = table.page_size, cache.config.head_dim
   pages_per_block = pages_per_block or tuned_block_sizes.mosaic_decode_pages_per_block(page_size)
