@@ -2,15 +2,15 @@
 
 Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
-Work: one CUDA block per (sequence, kv head, split), two warpgroups (warp specialization). The
-memory warpgroup copies the split's pool slots into shared memory and fills a ring of `stages`
-BF16 buffers of `pages_per_block` pages each, refilling a buffer as soon as the compute
-warpgroup releases it: BF16 pages by TMA, one copy per page of K and of V, straight into the
-ring; quantized pages (FP8, INT8, INT4) by TMA into a ring of `code_stages` code buffers with
-their scales, then dequantized by the memory warpgroup in registers (K times its scale per
-channel of the page, V times its scale per token) and stored into the ring as bfloat16. The
-wrapper groups each split's table entries by the pool their page is stored in, each group in
-whole blocks, so a block is of one format and the warpgroup runs one branch-free loop per pool.
+Work: one CUDA block per (sequence, kv head, split), three warpgroups (warp specialization).
+Two memory warpgroups, one for K (with the keys' positions) and one for V, copy the split's pool
+slots into shared memory and fill a ring of `stages` BF16 buffers of `pages_per_block` pages
+each, refilling a buffer as soon as the compute warpgroup releases it: BF16 pages by TMA, one
+copy per page, straight into the ring; quantized pages (FP8, INT8, INT4) by TMA into
+`code_stages` code buffers with their scales, then dequantized in registers (K times its scale
+per channel of the page, V times its scale per token) and stored into the ring as bfloat16.
+The wrapper groups each split's table entries by the pool their page is stored in, each group in
+whole blocks, so a block is of one format and each warpgroup runs one branch-free loop per pool.
 The compute warpgroup multiplies the kv head's query rows (GQA packing, padded to wgmma's 64
 rows) by each buffer with wgmma, masks each row's keys by position (a key's position, or NEVER
 where the table does not attend it, against the row's query position), keeps an online softmax
@@ -43,6 +43,10 @@ from pallas_kernels.splits import MASK_VALUE
 
 ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
 NEVER = 2**30  # The position of a key the table does not attend: after every query row.
+# Registers a thread: the compute warpgroup takes what the two memory warpgroups give up (three
+# warpgroups share 64K registers).
+COMPUTE_REGISTERS = 232
+MEMORY_REGISTERS = 136
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
 _CODES = plgpu.Layout.WGMMA_8BIT  # Registers of 8-bit codes: 4 a thread, 32-bit loads.
 # An INT4 nibble n becomes the bfloat16 128 + (n ^ 8) from exponent bits; minus 136 it is n read
@@ -189,6 +193,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
 
   @pl.when(lax.axis_index("wg") == 0)
   def _compute():
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier)
     plgpu.copy_gmem_to_smem(row_pos_ref.at[b], row_pos_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
@@ -243,9 +248,14 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
     plgpu.copy_smem_to_gmem(acc_smem, acc_out.at[b, h, s])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(lax.axis_index("wg") == 1)
-  def _memory():
-    plgpu.copy_gmem_to_smem(slots_ref.at[b, s], slots_smem, slots_barrier)
+  def memory(half):
+    """The K warpgroup (half 0: K pages and key positions) or the V warpgroup (half 1)."""
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    ready, free = (k_ready, k_free) if half == 0 else (v_ready, v_free)
+    codes_ready = k_codes_ready if half == 0 else v_codes_ready
+    ring = k_smem if half == 0 else v_smem
+    if half == 0:
+      plgpu.copy_gmem_to_smem(slots_ref.at[b, s], slots_smem, slots_barrier)
     plgpu.barrier_wait(slots_barrier)
 
     def gather(pool_ref, buffer, barrier, i, rows=page_size):
@@ -256,34 +266,35 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
         plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * rows, rows)], barrier)
 
     def fetch_key_positions(i, buf):
-      plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)], key_pos_smem.at[buf],
-                              k_ready.at[buf])
+      if half == 0:
+        plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)],
+                                key_pos_smem.at[buf], k_ready.at[buf])
 
-    def wait_free(free, i, buf):
+    def wait_free(i, buf):
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[buf]))
 
-    def bf16_blocks(first, count, k_pool, v_pool):
+    def bf16_blocks(first, count, pool):
       @pl.loop(0, count)
       def _fetch(j):
         i = first + j
         buf = lax.rem(i, stages)
-        wait_free(k_free, i, buf)
-        gather(k_pool, k_smem.at[buf], k_ready.at[buf], i)
+        wait_free(i, buf)
+        gather(pool, ring.at[buf], ready.at[buf], i)
         fetch_key_positions(i, buf)
-        wait_free(v_free, i, buf)
-        gather(v_pool, v_smem.at[buf], v_ready.at[buf], i)
 
-    def quantized_blocks(first, count, precision, k_pool, v_pool, k_scale_pool):
-      k_codes, v_codes, k_scales, v_scales = codes_smem[quantized.index(precision)]
-      ready = lambda barriers, c: barriers.at[quantized.index(precision) * code_stages + c]
+    def quantized_blocks(first, count, precision, pool, k_scale_pool):
+      pool_codes = codes_smem[quantized.index(precision)]
+      codes, scales = pool_codes[half], pool_codes[2 + half]
+      codes_ready_at = lambda c: codes_ready.at[quantized.index(precision) * code_stages + c]
 
       def fetch_codes(j):
         i, c = first + j, lax.rem(j, code_stages)
-        gather(k_pool, k_codes.at[c], ready(k_codes_ready, c), i)
-        gather(k_scale_pool, k_scales.at[c], ready(k_codes_ready, c), i, rows=1)
-        gather(v_pool, v_codes.at[c], ready(v_codes_ready, c), i)
-        plgpu.copy_gmem_to_smem(v_scale_ref.at[b, h, s, pl.ds(i * keys, keys)], v_scales.at[c],
-                                ready(v_codes_ready, c))
+        gather(pool, codes.at[c], codes_ready_at(c), i)
+        if half == 0:
+          gather(k_scale_pool, scales.at[c], codes_ready_at(c), i, rows=1)
+        else:
+          plgpu.copy_gmem_to_smem(v_scale_ref.at[b, h, s, pl.ds(i * keys, keys)], scales.at[c],
+                                  codes_ready_at(c))
 
       for j in range(code_stages):
         pl.when(j < count)(functools.partial(fetch_codes, j))
@@ -292,31 +303,31 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
       def _convert(j):
         i, c = first + j, lax.rem(j, code_stages)
         buf = lax.rem(i, stages)
-        plgpu.barrier_wait(ready(k_codes_ready, c))
-        wait_free(k_free, i, buf)
+        plgpu.barrier_wait(codes_ready_at(c))
+        wait_free(i, buf)
         fetch_key_positions(i, buf)
-        _dequantize_k(k_codes.at[c], k_scales.at[c], k_smem.at[buf], precision, page_size)
+        if half == 0:
+          _dequantize_k(codes.at[c], scales.at[c], ring.at[buf], precision, page_size)
+        else:
+          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision)
         plgpu.commit_smem()
         for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
-          plgpu.barrier_arrive(k_ready.at[buf])
-        plgpu.barrier_wait(ready(v_codes_ready, c))
-        wait_free(v_free, i, buf)
-        _dequantize_v(v_codes.at[c], v_scales.at[c], v_smem.at[buf], precision)
-        plgpu.commit_smem()
-        for _ in range(pages_per_block):
-          plgpu.barrier_arrive(v_ready.at[buf])
+          plgpu.barrier_arrive(ready.at[buf])
         pl.when(j + code_stages < count)(lambda: fetch_codes(j + code_stages))
 
     first = 0
     refs_left = list(pool_refs)
     for g, precision in enumerate(precisions):
       if precision == Precision.BF16:
-        bf16_blocks(first, group_blocks[g], *refs_left[:2])
+        bf16_blocks(first, group_blocks[g], refs_left[half])
         refs_left = refs_left[2:]
       else:
-        quantized_blocks(first, group_blocks[g], precision, *refs_left[:3])
+        quantized_blocks(first, group_blocks[g], precision, refs_left[half], refs_left[2])
         refs_left = refs_left[3:]
       first = first + group_blocks[g]
+
+  pl.when(lax.axis_index("wg") == 1)(lambda: memory(0))
+  pl.when(lax.axis_index("wg") == 2)(lambda: memory(1))
 
 
 def program_entries(cache, table, num_splits: int, pages_per_block: int):
@@ -463,7 +474,12 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
   call = plgpu.kernel(
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
-      grid_names=("seq", "head", "split"), num_threads=2, thread_name="wg")
+      grid_names=("seq", "head", "split"), num_threads=3, thread_name="wg",
+      # Without Pallas's barrier before each copy and store (5% at 8 x 128K): no warpgroup writes
+      # shared memory it has read, and each reuse of memory read by a warpgroup's threads (a code
+      # buffer refilled, the partials copied out) follows a commit_smem, whose warpgroup barrier
+      # orders it after every thread's reads.
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
   inputs = (q_rows, row_pos, prog_slots, key_pos, blocks) + (
       () if v_scales is None else (v_scales,)) + tuple(pool_arrays)
   return call(*inputs)
