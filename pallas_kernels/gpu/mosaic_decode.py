@@ -81,7 +81,8 @@ def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int,
   with the reduction scratch and barriers (the allocator's measured use, within 1 KiB)."""
   keys = pages_per_block * page_size
   buffers = [ROWS * head_dim * 2, ROWS * 4, share * 4, ROWS * 4, ROWS * 4, ROWS * head_dim * 4,
-             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4]
+             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4,
+             pages_per_block * head_dim * 2]
   for precision in quantized:
     width = _code_width(precision, head_dim)
     buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4,
@@ -148,16 +149,22 @@ def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
     out_ref[...] = scaled(_codes_as_bf16(codes, precision), pl.ds(0, head_dim))
 
 
-def _dequantize_k(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
+def _dequantize_k(codes_ref, scale_ref, bf16_scale_ref, out_ref, precision: Precision,
+                  page_size: int):
   """K codes and scales f32[pages, head_dim] (one per channel of each page) -> out_ref bf16[keys,
-  head_dim]. Products in bfloat16 (the scale rounded to it): the ring holds bfloat16 either way."""
+  head_dim]. Products in bfloat16 (the scale rounded to it): the ring holds bfloat16 either way.
+  The scales are rounded once into bf16_scale_ref bf16[pages, head_dim], each by one thread,
+  rather than in every thread that multiplies by them."""
   keys = out_ref.shape[0]
   pages = keys // page_size
+  bf16_scale_ref[...] = scale_ref[...].astype(jnp.bfloat16)
+  plgpu.commit_smem()  # Its warpgroup barrier: every thread's rounded scales stored.
 
   def scaled(values, channels):
     """values bf16[keys, width] times the scale of their page and of `channels`."""
     scale_of = lambda page: _broadcast(
-        plgpu.load(scale_ref.at[page, channels], (), layout=_CODES.reduce(0)), values.shape, 1)
+        plgpu.load(bf16_scale_ref.at[page, channels], (), layout=_CODES.reduce(0)), values.shape,
+        1)
     tile = scale_of(0)
     if pages > 1:  # Rows of later pages take their page's scale (no unused row index: Mosaic
       # cannot lay out values nothing uses).
@@ -180,6 +187,7 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
 
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
             slots_smem, k_smem, v_smem, key_pos_smem, m_smem, l_smem, acc_smem, codes_smem,
+            k_scale_bf16,
             q_barrier, slots_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready,
             v_codes_ready, precisions, pages_per_block, page_size, stages, code_stages, scale,
             softcap):
@@ -307,7 +315,8 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
         wait_free(i, buf)
         fetch_key_positions(i, buf)
         if half == 0:
-          _dequantize_k(codes.at[c], scales.at[c], ring.at[buf], precision, page_size)
+          _dequantize_k(codes.at[c], scales.at[c], k_scale_bf16, ring.at[buf], precision,
+                        page_size)
         else:
           _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision)
         plgpu.commit_smem()
@@ -460,6 +469,7 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       l_smem=plgpu.SMEM((rows,), jnp.float32),
       acc_smem=plgpu.SMEM((rows, head_dim), jnp.float32),
       codes_smem=tuple(codes_smem),
+      k_scale_bf16=plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16),
       q_barrier=plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
       slots_barrier=plgpu.Barrier(),
       # A block's K: its page copies (or as many arrivals) and its key positions; V: its pages.
