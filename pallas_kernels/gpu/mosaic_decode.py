@@ -76,8 +76,8 @@ def _split_share(max_pages: int, num_splits: int, pages_per_block: int, num_grou
 
 def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
                 code_stages: int, quantized) -> int:
-  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; per
-  quantized pool, its ring of K and V codes with their scales. Each buffer rounded up to 1 KiB,
+  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; a
+  block's K scales in bfloat16; per quantized pool, its ring of K and V codes with their scales. Each buffer rounded up to 1 KiB,
   with the reduction scratch and barriers (the allocator's measured use, within 1 KiB)."""
   keys = pages_per_block * page_size
   buffers = [ROWS * head_dim * 2, ROWS * 4, share * 4, ROWS * 4, ROWS * 4, ROWS * head_dim * 4,
