@@ -44,7 +44,8 @@ from pallas_kernels.splits import MASK_VALUE
 ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
 NEVER = 2**30  # The position of a key the table does not attend: after every query row.
 # Registers a thread: the compute warpgroup takes what the two memory warpgroups give up (three
-# warpgroups share 64K registers).
+# warpgroups share 64K registers; the kernel launches with 168 a thread). setmaxnreg waits until
+# the registers it asks for are free: 224 / 144 hung on the H100, 232 / 136 runs.
 COMPUTE_REGISTERS = 232
 MEMORY_REGISTERS = 136
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
