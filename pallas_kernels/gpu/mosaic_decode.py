@@ -77,13 +77,15 @@ def _split_share(max_pages: int, num_splits: int, pages_per_block: int, num_grou
 
 def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
                 code_stages: int, quantized) -> int:
-  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; a
-  block's K scales in bfloat16; per quantized pool, its ring of K and V codes with their scales. Each buffer rounded up to 1 KiB,
-  with the reduction scratch and barriers (the allocator's measured use, within 1 KiB)."""
+  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; with
+  quantized pools, a block's K scales in bfloat16 and per pool its ring of K and V codes with
+  their scales. Each buffer rounded up to 1 KiB, with the reduction scratch and barriers (the
+  allocator's measured use, within 1 KiB)."""
   keys = pages_per_block * page_size
   buffers = [ROWS * head_dim * 2, ROWS * 4, share * 4, ROWS * 4, ROWS * 4, ROWS * head_dim * 4,
-             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4,
-             pages_per_block * head_dim * 2]
+             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4]
+  if quantized:
+    buffers.append(pages_per_block * head_dim * 2)
   for precision in quantized:
     width = _code_width(precision, head_dim)
     buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4,
@@ -132,7 +134,8 @@ def _int4_halves_as_bf16(packed):
 
 
 def _broadcast(vector, shape, axis: int):
-  """A float32 vector along `axis` of the codes' register tile of `shape`, as bfloat16."""
+  """A float32 or bfloat16 vector along `axis` of the codes' register tile of `shape`, as
+  bfloat16."""
   vector = vector.astype(jnp.bfloat16)
   return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), _CODES)
 
@@ -188,10 +191,9 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
 
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
             slots_smem, k_smem, v_smem, key_pos_smem, m_smem, l_smem, acc_smem, codes_smem,
-            k_scale_bf16,
             q_barrier, slots_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready,
             v_codes_ready, precisions, pages_per_block, page_size, stages, code_stages, scale,
-            softcap):
+            softcap, k_scale_bf16=None):
   quantized = [p for p in precisions if p != Precision.BF16]
   v_scale_ref = refs[0] if quantized else None
   pool_refs, (m_out, l_out, acc_out) = refs[1 if quantized else 0:-3], refs[-3:]
@@ -470,7 +472,6 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       l_smem=plgpu.SMEM((rows,), jnp.float32),
       acc_smem=plgpu.SMEM((rows, head_dim), jnp.float32),
       codes_smem=tuple(codes_smem),
-      k_scale_bf16=plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16),
       q_barrier=plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
       slots_barrier=plgpu.Barrier(),
       # A block's K: its page copies (or as many arrivals) and its key positions; V: its pages.
@@ -482,6 +483,8 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       k_codes_ready=plgpu.Barrier(num_arrivals=2 * pages_per_block, num_barriers=code_barriers),
       v_codes_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=code_barriers),
   )
+  if codes_smem:  # A block's K scales, rounded once (`_dequantize_k`).
+    scratch["k_scale_bf16"] = plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16)
   call = plgpu.kernel(
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
