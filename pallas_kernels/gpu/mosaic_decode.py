@@ -49,7 +49,6 @@ NEVER = 2**30  # The position of a key the table does not attend: after every qu
 COMPUTE_REGISTERS = 232
 MEMORY_REGISTERS = 136
 SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
-_CODES = plgpu.Layout.WGMMA_8BIT  # Registers of 8-bit codes: 4 a thread, 32-bit loads.
 # An INT4 nibble n becomes the bfloat16 128 + (n ^ 8) from exponent bits; minus 136 it is n read
 # as a signed nibble (the trick of `quant.int4_nibble_floats`, in 16 bits).
 _NIBBLE_BF16_BITS = 0x4308
@@ -133,24 +132,47 @@ def _int4_halves_as_bf16(packed):
   return as_bf16(packed & jnp.int16(0xF)), as_bf16(lax.shift_right_logical(packed, jnp.int16(4)))
 
 
-def _broadcast(vector, shape, axis: int):
-  """A float32 or bfloat16 vector along `axis` of the codes' register tile of `shape`, as
-  bfloat16."""
+def _tile_rows(width: int, page_size: int) -> int:
+  """Keys a warpgroup dequantizes at once: 16 bytes of bfloat16 results a thread (1024 values
+  over 128 threads) where the page size allows, else 8; a tile never spans two pages."""
+  rows = 1024 // width
+  return rows if page_size % rows == 0 else 8
+
+
+def _tile_layout(rows: int, width: int):
+  """Registers of a [rows, width] tile of codes or values, rows 8 or 16: warp w holds rows w *
+  rows / 4 to (w + 1) * rows / 4, each thread a run of rows * width / 128 values of one row, so
+  a vector along the rows or the columns broadcasts to it without a select."""
+  return plgpu.Layout.TILED(plgpu.Tiling(((rows, width), (rows // 4, width),
+                                          (rows * width // 128,))),
+                            warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
+
+
+def _broadcast(vector, shape, axis: int, layout):
+  """A float32 or bfloat16 vector along `axis` of a tile of `shape` in `layout`, as bfloat16."""
   vector = vector.astype(jnp.bfloat16)
-  return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), _CODES)
+  return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), layout)
 
 
-def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
-  """Codes [keys, code width] -> out_ref bf16[keys, head_dim] = scaled(values, channels) of their
-  exact bfloat16 values; INT4 as its two halves of the channels (low nibbles, then high)."""
+def _store_dequantized(codes_ref, out_ref, precision: Precision, page_size: int, scaled):
+  """Codes [keys, code width] -> out_ref bf16[keys, head_dim], tile by tile (`_tile_rows`):
+  out_ref[tile, channels] = scaled(values, first key, channels, layout) of the codes' exact
+  bfloat16 values; INT4 as its two halves of the channels (low nibbles, then high)."""
+  keys, width = codes_ref.shape
   head_dim = out_ref.shape[1]
-  codes = plgpu.load(codes_ref, (), layout=_CODES)
-  if precision == Precision.INT4:
-    half = head_dim // 2
-    for values, channels in zip(_int4_halves_as_bf16(codes), (pl.ds(0, half), pl.ds(half, half))):
-      out_ref[:, channels] = scaled(values, channels)
-  else:
-    out_ref[...] = scaled(_codes_as_bf16(codes, precision), pl.ds(0, head_dim))
+  rows = _tile_rows(width, page_size)
+  layout = _tile_layout(rows, width)
+  for first in range(0, keys, rows):
+    tile = pl.ds(first, rows)
+    codes = plgpu.load(codes_ref.at[tile], (), layout=layout)
+    if precision == Precision.INT4:
+      half = head_dim // 2
+      for values, channels in zip(_int4_halves_as_bf16(codes), (pl.ds(0, half),
+                                                                pl.ds(half, half))):
+        out_ref[tile, channels] = scaled(values, first, channels, layout)
+    else:
+      out_ref[tile, :] = scaled(_codes_as_bf16(codes, precision), first, pl.ds(0, head_dim),
+                                layout)
 
 
 def _dequantize_k(codes_ref, scale_ref, bf16_scale_ref, out_ref, precision: Precision,
@@ -159,34 +181,26 @@ def _dequantize_k(codes_ref, scale_ref, bf16_scale_ref, out_ref, precision: Prec
   head_dim]. Products in bfloat16 (the scale rounded to it): the ring holds bfloat16 either way.
   The scales are rounded once into bf16_scale_ref bf16[pages, head_dim], each by one thread,
   rather than in every thread that multiplies by them."""
-  keys = out_ref.shape[0]
-  pages = keys // page_size
   bf16_scale_ref[...] = scale_ref[...].astype(jnp.bfloat16)
   plgpu.commit_smem()  # Its warpgroup barrier: every thread's rounded scales stored.
 
-  def scaled(values, channels):
-    """values bf16[keys, width] times the scale of their page and of `channels`."""
-    scale_of = lambda page: _broadcast(
-        plgpu.load(bf16_scale_ref.at[page, channels], (), layout=_CODES.reduce(0)), values.shape,
-        1)
-    tile = scale_of(0)
-    if pages > 1:  # Rows of later pages take their page's scale (no unused row index: Mosaic
-      # cannot lay out values nothing uses).
-      rows = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=_CODES.reduce(1))
-      rows = plgpu.layout_cast(lax.broadcast_in_dim(rows, values.shape, [0]), _CODES)
-      for page in range(1, pages):
-        tile = jnp.where(rows >= page * page_size, scale_of(page), tile)
-    return values * tile
+  def scaled(values, first, channels, layout):
+    scale = plgpu.load(bf16_scale_ref.at[first // page_size, channels], (),
+                       layout=layout.reduce(0))
+    return values * _broadcast(scale, values.shape, 1, layout)
 
-  _store_dequantized(codes_ref, out_ref, precision, scaled)
+  _store_dequantized(codes_ref, out_ref, precision, page_size, scaled)
 
 
-def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
+def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
   """V codes and scales f32[keys] (one per token) -> out_ref bf16[keys, head_dim], products in
   bfloat16."""
-  scale = plgpu.load(scale_ref, (), layout=_CODES.reduce(1))
-  _store_dequantized(codes_ref, out_ref, precision,
-                     lambda values, _: values * _broadcast(scale, values.shape, 0))
+
+  def scaled(values, first, _, layout):
+    scale = plgpu.load(scale_ref.at[pl.ds(first, values.shape[0])], (), layout=layout.reduce(1))
+    return values * _broadcast(scale, values.shape, 0, layout)
+
+  _store_dequantized(codes_ref, out_ref, precision, page_size, scaled)
 
 
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
@@ -321,7 +335,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
           _dequantize_k(codes.at[c], scales.at[c], k_scale_bf16, ring.at[buf], precision,
                         page_size)
         else:
-          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision)
+          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision, page_size)
         plgpu.commit_smem()
         for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
           plgpu.barrier_arrive(ready.at[buf])
