@@ -183,14 +183,17 @@ def _store_dequantized(codes_ref, out_ref, precision: Precision, page_size: int,
                                 layout)
 
 
-def _dequantize_k(codes_ref, scale_ref, bf16_scale_ref, out_ref, precision: Precision,
-                  page_size: int):
-  """K codes and scales f32[pages, head_dim] (one per channel of each page) -> out_ref bf16[keys,
-  head_dim]. Products in bfloat16 (the scale rounded to it): the ring holds bfloat16 either way.
-  The scales are rounded once into bf16_scale_ref bf16[pages, head_dim], each by one thread,
-  rather than in every thread that multiplies by them."""
+def _round_k_scales(scale_ref, bf16_scale_ref):
+  """K's page scales f32[pages, head_dim] -> bf16_scale_ref, each rounded once by one thread
+  rather than in every thread that multiplies by it."""
   bf16_scale_ref[...] = scale_ref[...].astype(jnp.bfloat16)
   plgpu.commit_smem()  # Its warpgroup barrier: every thread's rounded scales stored.
+
+
+def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page_size: int):
+  """K codes and their rounded scales bf16[pages, head_dim] (one per channel of each page,
+  `_round_k_scales`) -> out_ref bf16[keys, head_dim]. Products in bfloat16: the ring holds
+  bfloat16 either way."""
 
   def scaled(values, first, channels, layout):
     scale = plgpu.load(bf16_scale_ref.at[first // page_size, channels], (),
@@ -214,8 +217,8 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision, page_size
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
             slots_smem, k_smem, v_smem, key_pos_smem, m_smem, l_smem, acc_smem, codes_smem,
             q_barrier, slots_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready,
-            v_codes_ready, precisions, pages_per_block, page_size, stages, code_stages, scale,
-            softcap, k_scale_bf16=None):
+            v_codes_ready, k_scales_free, precisions, pages_per_block, page_size, stages,
+            code_stages, scale, softcap, k_scale_bf16=None):
   quantized = [p for p in precisions if p != Precision.BF16]
   v_scale_ref = refs[0] if quantized else None
   pool_refs, (m_out, l_out, acc_out) = refs[1 if quantized else 0:-3], refs[-3:]
@@ -323,16 +326,18 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
     def quantized_blocks(first, count, precision, pool, k_scale_pool):
       pool_codes = codes_smem[quantized.index(precision)]
       codes, scales = pool_codes[half], pool_codes[2 + half]
-      codes_ready_at = lambda c: codes_ready.at[quantized.index(precision) * code_stages + c]
+      barrier_at = lambda barriers, c: barriers.at[quantized.index(precision) * code_stages + c]
 
       def fetch_codes(j):
+        """Block j's codes and scales; the V warpgroup copies K's page scales too (the K
+        warpgroup has more to do), once the K warpgroup has rounded the last ones in buffer c."""
         i, c = first + j, lax.rem(j, code_stages)
-        gather(pool, codes.at[c], codes_ready_at(c), i)
-        if half == 0:
-          gather(k_scale_pool, scales.at[c], codes_ready_at(c), i, rows=1)
-        else:
+        gather(pool, codes.at[c], barrier_at(codes_ready, c), i)
+        if half == 1:
           plgpu.copy_gmem_to_smem(v_scale_ref.at[b, h, s, pl.ds(i * keys, keys)], scales.at[c],
-                                  codes_ready_at(c))
+                                  barrier_at(codes_ready, c))
+          pl.when(j >= code_stages)(lambda: plgpu.barrier_wait(barrier_at(k_scales_free, c)))
+          gather(k_scale_pool, pool_codes[2].at[c], barrier_at(k_codes_ready, c), i, rows=1)
 
       for j in range(code_stages):
         pl.when(j < count)(functools.partial(fetch_codes, j))
@@ -341,12 +346,13 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
       def _convert(j):
         i, c = first + j, lax.rem(j, code_stages)
         buf = lax.rem(i, stages)
-        plgpu.barrier_wait(codes_ready_at(c))
+        plgpu.barrier_wait(barrier_at(codes_ready, c))
         wait_free(i, buf)
         fetch_key_positions(i, buf, 1)  # The V warpgroup's: K's dequantizes more.
         if half == 0:
-          _dequantize_k(codes.at[c], scales.at[c], k_scale_bf16, ring.at[buf], precision,
-                        page_size)
+          _round_k_scales(scales.at[c], k_scale_bf16)
+          plgpu.barrier_arrive(barrier_at(k_scales_free, c))
+          _dequantize_k(codes.at[c], k_scale_bf16, ring.at[buf], precision, page_size)
         else:
           _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision, page_size)
         plgpu.commit_smem()
@@ -509,8 +515,10 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       # Per quantized pool and code buffer: K codes with their scales, V codes with theirs.
       k_codes_ready=plgpu.Barrier(num_arrivals=2 * pages_per_block, num_barriers=code_barriers),
       v_codes_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=code_barriers),
+      # Per quantized pool and code buffer: the K warpgroup has rounded the K scales in it.
+      k_scales_free=plgpu.Barrier(num_barriers=code_barriers),
   )
-  if codes_smem:  # A block's K scales, rounded once (`_dequantize_k`).
+  if codes_smem:  # A block's K scales, rounded once (`_round_k_scales`).
     scratch["k_scale_bf16"] = plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16)
   call = plgpu.kernel(
       kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
