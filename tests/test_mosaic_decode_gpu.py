@@ -249,9 +249,10 @@ class LoweringTest(parameterized.TestCase):
     text = decode.trace(q, cache, table).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
 
-  @parameterized.parameters(((B16, INT8), INT8), ((B16, FP8), None), ((B16, INT8, INT4), None))
-  def test_quantized_pools_lower_for_cuda(self, formats, every_page):
-    cache, table = quantized_case(4, formats, every_page=every_page)
+  @parameterized.parameters(((B16, INT8), INT8, 16), ((B16, FP8), None, 16),
+                            ((B16, INT8, INT4), None, 16), ((B16, INT4), INT4, 32))
+  def test_quantized_pools_lower_for_cuda(self, formats, every_page, page_size):
+    cache, table = quantized_case(4, formats, every_page=every_page, page_size=page_size)
     q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
     decode = jax.jit(lambda q, c, t: kernel.mosaic_decode(q, c, t, num_splits=2))
     text = decode.trace(q, cache, table).lower(lowering_platforms=("cuda",)).as_text()

@@ -140,11 +140,11 @@ def _tanh(x):
   return 2.0 / (1.0 + jnp.exp2(x * (-2.0 * LOG2E))) - 1.0
 
 
-def _tile_rows(width: int, page_size: int) -> int:
+def _tile_rows(width: int) -> int:
   """Keys a warpgroup dequantizes at once: 16 bytes of bfloat16 results a thread (1024 values
-  over 128 threads) where the page size allows, else 8; a tile never spans two pages."""
-  rows = 1024 // width
-  return rows if page_size % rows == 0 else 8
+  over 128 threads), 8 or 16 keys; a cache's pages (powers of two >= 16 tokens) hold whole
+  tiles, so a tile never spans two pages."""
+  return 1024 // width
 
 
 def _tile_layout(rows: int, width: int):
@@ -162,13 +162,13 @@ def _broadcast(vector, shape, axis: int, layout):
   return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), layout)
 
 
-def _store_dequantized(codes_ref, out_ref, precision: Precision, page_size: int, scaled):
+def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
   """Codes [keys, code width] -> out_ref bf16[keys, head_dim], tile by tile (`_tile_rows`):
   out_ref[tile, channels] = scaled(values, first key, channels, layout) of the codes' exact
   bfloat16 values; INT4 as its two halves of the channels (low nibbles, then high)."""
   keys, width = codes_ref.shape
   head_dim = out_ref.shape[1]
-  rows = _tile_rows(width, page_size)
+  rows = _tile_rows(width)
   layout = _tile_layout(rows, width)
   for first in range(0, keys, rows):
     tile = pl.ds(first, rows)
@@ -200,10 +200,10 @@ def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page
                        layout=layout.reduce(0))
     return values * _broadcast(scale, values.shape, 1, layout)
 
-  _store_dequantized(codes_ref, out_ref, precision, page_size, scaled)
+  _store_dequantized(codes_ref, out_ref, precision, scaled)
 
 
-def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision, page_size: int):
+def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
   """V codes and scales f32[keys] (one per token) -> out_ref bf16[keys, head_dim], products in
   bfloat16."""
 
@@ -211,7 +211,7 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision, page_size
     scale = plgpu.load(scale_ref.at[pl.ds(first, values.shape[0])], (), layout=layout.reduce(1))
     return values * _broadcast(scale, values.shape, 0, layout)
 
-  _store_dequantized(codes_ref, out_ref, precision, page_size, scaled)
+  _store_dequantized(codes_ref, out_ref, precision, scaled)
 
 
 def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
@@ -354,7 +354,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
           plgpu.barrier_arrive(barrier_at(k_scales_free, c))
           _dequantize_k(codes.at[c], k_scale_bf16, ring.at[buf], precision, page_size)
         else:
-          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision, page_size)
+          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision)
         plgpu.commit_smem()
         for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
           plgpu.barrier_arrive(ready.at[buf])
