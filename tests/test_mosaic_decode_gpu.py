@@ -104,6 +104,17 @@ def modelled_partials(q_rows, row_pos, slots, key_pos, blocks, v_scales, cache, 
   return tuple(jnp.asarray(x, jnp.float32) for x in (m, l, acc))
 
 
+class SoftCapTanhTest(absltest.TestCase):
+  """The kernel's tanh (one base-2 exponential, since approximate math makes jnp.tanh coarse)."""
+
+  def test_matches_tanh_over_the_range(self):
+    x = np.concatenate([np.random.default_rng(5).normal(0, 3, 4096), [0.0, 1e-6, -1e-6],
+                        [-1e4, -90.0, 90.0, 1e4]]).astype(np.float32)
+    got = np.asarray(kernel._tanh(jnp.asarray(x)))
+    self.assertTrue(np.isfinite(got).all())
+    np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=0, atol=1e-6)
+
+
 class ProgramEntriesTest(parameterized.TestCase):
   """The wrapper's split of the table, checked on any host through a model of the kernel."""
 

@@ -3,7 +3,8 @@
 Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
 Work: one CUDA block per (sequence, kv head, split), three warpgroups (warp specialization).
-Two memory warpgroups, one for K (with the keys' positions) and one for V, copy the split's pool
+Two memory warpgroups, one for K and one for V (the keys' positions come with K for BF16 blocks,
+with V for quantized ones, whose warpgroup also copies K's page scales), copy the split's pool
 slots into shared memory and fill a ring of `stages` BF16 buffers of `pages_per_block` pages
 each, refilling a buffer as soon as the compute warpgroup releases it: BF16 pages by TMA, one
 copy per page, straight into the ring; quantized pages (FP8, INT8, INT4) by TMA into
@@ -288,7 +289,8 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
     plgpu.wait_smem_to_gmem(0)
 
   def memory(half):
-    """The K warpgroup (half 0: K pages and key positions) or the V warpgroup (half 1)."""
+    """The K warpgroup (half 0: K pages; the key positions of BF16 blocks) or the V warpgroup
+    (half 1: V pages; for quantized blocks the key positions and K's page scales too)."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     ready, free = (k_ready, k_free) if half == 0 else (v_ready, v_free)
     codes_ready = k_codes_ready if half == 0 else v_codes_ready
@@ -527,9 +529,11 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       # Without Pallas's barrier before each copy and store (5% at 8 x 128K): no warpgroup writes
       # shared memory it has read, and each reuse of memory read by a warpgroup's threads (a code
       # buffer refilled, the partials copied out) follows a commit_smem, whose warpgroup barrier
-      # orders it after every thread's reads. Approximate math: each exponential one ex2.approx
-      # (relative error 2**-22; the weights are rounded to bfloat16 anyway) instead of a precise
-      # expansion of about 8 instructions, a quarter of the compute warpgroup's.
+      # orders it after every thread's reads; K's scale buffers, refilled by the V warpgroup,
+      # after that barrier and the K warpgroup's arrival on k_scales_free. Approximate math: each
+      # exponential one ex2.approx (relative error 2**-22; the weights are rounded to bfloat16
+      # anyway) instead of a precise expansion of about 8 instructions, a third of the compute
+      # warpgroup's.
       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True))
   inputs = (q_rows, row_pos, prog_slots, key_pos, blocks) + (
       () if v_scales is None else (v_scales,)) + tuple(pool_arrays)
