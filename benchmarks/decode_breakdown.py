@@ -29,6 +29,7 @@ from intent_jax import traces
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import combine_splits
 from pallas_kernels.gpu import mosaic_decode
 from pallas_kernels.gpu import select_pages as select_kernel
 from pallas_kernels.gpu import selected_page_decode as kernel
@@ -107,7 +108,8 @@ def mosaic_stages(q, cache, table) -> dict:
                                                       (q, cache, table)),
       "mosaic: prepare (entries, rows)": (prepare, (q, cache, table)),
       "mosaic: kernel": (run_kernel, inputs + (cache,)),
-      "mosaic: combine": (lambda p: splits.combine(p, q.shape), (partials,)),
+      "mosaic: combine (combine_splits)": (lambda p: combine_splits.combine_splits(
+          p, q.shape, out_dtype=q.dtype), (partials,)),
   }
 
 
@@ -146,7 +148,9 @@ def main(argv):
             "prepare (lookup, pack, group)": (lambda q, c, t: kernel.prepare(
                 q, c, t, positions, blocks.pages_per_block), (q, cache, table)),
             "kernel": (run_kernel, (inputs, cache)),
-            "combine": (lambda p: splits.combine(p, q_shape), (partials,)),
+            "combine (XLA, splits.combine)": (lambda p: splits.combine(p, q_shape), (partials,)),
+            "combine (combine_splits)": (lambda p: combine_splits.combine_splits(
+                p, q_shape, out_dtype=q.dtype), (partials,)),
         }
         for factor in map(float, _SPLIT_FACTORS.value):
           other = max(1, int(num_splits * factor))

@@ -29,7 +29,7 @@ Implementation = Callable[..., jax.Array]
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 # Preferred order per platform; names not registered are passed over.
 DEFAULT_ORDER = {
-    "gpu": ("pallas_mosaic_gpu_bf16", "pallas_gpu", "pallas_mosaic_gpu", "xla", "reference"),
+    "gpu": ("pallas_mosaic_gpu_preferred", "pallas_gpu", "pallas_mosaic_gpu", "xla", "reference"),
     "tpu": ("pallas_tpu", "xla", "reference"),
     "cpu": ("xla", "reference"),
 }
@@ -66,11 +66,20 @@ def _pallas_mosaic_gpu(q, kv, table, **kwargs):
   return mosaic_decode.mosaic_decode(q, kv, table, **kwargs)
 
 
-def _pallas_mosaic_gpu_bf16(q, kv, table, **kwargs):
-  """The Mosaic GPU kernel where it is the fastest: caches of BF16 pages only. With quantized
-  pools the Triton kernel is faster today (BENCHMARKS.md), so the default order takes it first."""
-  if isinstance(kv, cache_lib.KVCache) and cache_lib.stored_precisions(kv) != (Precision.BF16,):
-    raise NotImplementedError("pallas_mosaic_gpu_bf16 reads caches of BF16 pages only")
+def _pallas_mosaic_gpu_preferred(q, kv, table, **kwargs):
+  """The Mosaic GPU kernel where it is the faster GPU kernel (BENCHMARKS.md): caches of BF16
+  pages; INT8 and FP8 pools from `tuned_block_sizes.MOSAIC_QUANTIZED_MIN_HEADS` (sequence, kv
+  head) pairs; never INT4 pools. Elsewhere the default order takes the Triton kernel next."""
+  from pallas_kernels import tuned_block_sizes  # pylint: disable=g-import-not-at-top
+  if isinstance(kv, cache_lib.KVCache):
+    stored = cache_lib.stored_precisions(kv)
+    if Precision.INT4 in stored:
+      raise NotImplementedError("pallas_mosaic_gpu_preferred: INT4 pools read faster in Triton")
+    heads = q.shape[0] * kv.config.num_kv_heads
+    if stored != (Precision.BF16,) and heads < tuned_block_sizes.MOSAIC_QUANTIZED_MIN_HEADS:
+      raise NotImplementedError(
+          f"pallas_mosaic_gpu_preferred: INT8/FP8 pools at {heads} (sequence, kv head) pairs,"
+          f" fewer than {tuned_block_sizes.MOSAIC_QUANTIZED_MIN_HEADS}, read faster in Triton")
   return _pallas_mosaic_gpu(q, kv, table, **kwargs)
 
 
@@ -85,7 +94,7 @@ register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 register_implementation("pallas_gpu", _pallas_gpu)
 register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)
-register_implementation("pallas_mosaic_gpu_bf16", _pallas_mosaic_gpu_bf16)
+register_implementation("pallas_mosaic_gpu_preferred", _pallas_mosaic_gpu_preferred)
 register_implementation("pallas_tpu", _pallas_tpu)
 
 

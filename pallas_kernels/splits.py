@@ -15,6 +15,11 @@ from intent_jax import scoring
 MASK_VALUE = -1e30  # Logit of an invisible key; finite, so no inf - inf.
 
 
+def next_power_of_two(n: int) -> int:
+  """The least power of two >= n (1 for n <= 1): Triton's arrays' sizes, rows padded to them."""
+  return 1 << (max(n, 1) - 1).bit_length()
+
+
 def query_rows(q, num_kv_heads: int, rows: int):
   """GQA packing: the query rows of each kv head, row g * q_len + t for query head g of the group
   and token t, zero-padded to `rows` (>= group * q_len): [batch, kv heads, rows, head_dim]."""
@@ -53,6 +58,15 @@ def unpack_rows(x, q_len: int, num_q_heads: int):
   return jnp.moveaxis(x, 3, 1).reshape(batch, q_len, num_q_heads, *tail)
 
 
+def whole_acc(partials):
+  """(m, l, acc[, acc_low, acc_high]) -> (m, l, acc): the two halves of the channels (the
+  Triton kernel's INT4 pages) added to acc."""
+  m, l, acc, *halves = partials
+  if halves:
+    acc = acc + jnp.concatenate(halves, axis=-1)
+  return m, l, acc
+
+
 def combine(partials, q_shape, *, sinks=None, return_lse=False):
   """Log-sum-exp over the splits' partial results; the sinks join the denominator.
 
@@ -67,9 +81,7 @@ def combine(partials, q_shape, *, sinks=None, return_lse=False):
   Returns:
     f32[batch, q_len, num_q_heads, head_dim] (and the log-sum-exp with return_lse).
   """
-  m, l, acc, *halves = partials
-  if halves:
-    acc = acc + jnp.concatenate(halves, axis=-1)
+  m, l, acc = whole_acc(partials)
   batch, q_len, num_q_heads, _ = q_shape
   num_splits = m.shape[2]
 

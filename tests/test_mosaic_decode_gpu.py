@@ -237,14 +237,16 @@ class ProgramEntriesTest(parameterized.TestCase):
       with self.assertRaisesRegex(NotImplementedError, "runs on GPUs"):
         decode_attention(q, cache, table, implementation="pallas_mosaic_gpu")
 
-  def test_default_order_takes_it_for_bf16_pages_only(self):
-    """With quantized pools the Triton kernel is faster, so the default order tries it first."""
+  def test_default_order_takes_it_where_faster(self):
+    """The default order tries this kernel first where it is the faster (BF16 pages; INT8, FP8
+    pools from MOSAIC_QUANTIZED_MIN_HEADS (sequence, kv head) pairs), else the Triton kernel."""
     self.assertEqual(attention.default_implementations("gpu")[:3],
-                     ("pallas_mosaic_gpu_bf16", "pallas_gpu", "pallas_mosaic_gpu"))
-    cache, table = quantized_case(2, (B16, INT8), every_page=INT8)
+                     ("pallas_mosaic_gpu_preferred", "pallas_gpu", "pallas_mosaic_gpu"))
     q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
-    with self.assertRaisesRegex(NotImplementedError, "BF16 pages only"):
-      decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_bf16")
+    for formats in ((B16, INT4), (B16, INT8)):  # INT8 at BATCH x 2 pairs: too few.
+      cache, table = quantized_case(2, formats, every_page=formats[1])
+      with self.assertRaisesRegex(NotImplementedError, "read faster in Triton"):
+        decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_preferred")
 
 
 class LoweringTest(parameterized.TestCase):
@@ -335,11 +337,26 @@ class CompiledTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(out).all())
     self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
 
-  def test_dispatched_by_default(self):
-    cache, table = bf16_case(6)
-    q = jax.random.normal(jax.random.key(6), (BATCH, 1, 4, 64), jnp.bfloat16)
-    np.testing.assert_array_equal(decode_attention(q, cache, table),
-                                  kernel.mosaic_decode(q, cache, table))
+  @parameterized.named_parameters(
+      ("bf16", (B16,), None, 2, "mosaic"),
+      ("int8_few_heads", (B16, INT8), INT8, 2, "triton"),
+      ("int8_many_heads", (B16, INT8), INT8, 32, "mosaic"),
+      ("fp8_many_heads", (B16, FP8), FP8, 32, "mosaic"),
+      ("int4", (B16, INT4), INT4, 32, "triton"),
+  )
+  def test_dispatched_by_default(self, formats, every_page, num_kv_heads, expected_kernel):
+    """By default this kernel runs BF16 caches, and INT8 or FP8 pools at BATCH x 32 (>= 64)
+    (sequence, kv head) pairs; the Triton kernel runs the others."""
+    if every_page is None:
+      cache, table = bf16_case(6)
+    else:
+      cache, table = quantized_case(6, formats, every_page=every_page,
+                                    num_kv_heads=num_kv_heads)
+    q = jax.random.normal(jax.random.key(6), (BATCH, 1, 2 * cache.config.num_kv_heads,
+                                              cache.config.head_dim), jnp.bfloat16)
+    expected = (kernel.mosaic_decode if expected_kernel == "mosaic" else
+                attention.IMPLEMENTATIONS["pallas_gpu"])(q, cache, table)
+    np.testing.assert_array_equal(decode_attention(q, cache, table), expected)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ whole blocks, so a block is of one format and each warpgroup runs one branch-fre
 The compute warpgroup multiplies the kv head's query rows (GQA packing, padded to wgmma's 64
 rows) by each buffer with wgmma, masks each row's keys by position (a key's position, or NEVER
 where the table does not attend it, against the row's query position), keeps an online softmax
-in registers, and writes (m, l, acc) per split; `splits.combine` merges the splits (sinks join
-there), as for the Triton kernel (`selected_page_decode`).
+in registers, and writes (m, l, acc) per split; `combine_splits` merges the splits in one launch
+(sinks join there), as for the Triton kernel (`selected_page_decode`).
 
 Scope: caches whose BF16 pool holds bfloat16, bfloat16 queries (1..8 tokens, at most 64 query
 rows a kv head), head_dim 64 or 128 (128 where the cache has an INT4 pool), compute capability
@@ -41,6 +41,7 @@ from intent_jax.page_table import PageTable
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import combine_splits
 from pallas_kernels.splits import MASK_VALUE
 
 ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
@@ -279,7 +280,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
       return m_next, l_next, acc
 
     m, l, acc = lax.fori_loop(0, steps, step, (m, l, acc))
-    m_smem[...] = m * (base2 / LOG2E)  # Scaled, as `splits.combine` reads it.
+    m_smem[...] = m * (base2 / LOG2E)  # Scaled, as `combine_splits` reads it.
     l_smem[...] = l
     acc_smem[...] = acc
     plgpu.commit_smem()
@@ -410,8 +411,12 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
     slots, key_pos, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else
                                                         order[:, :, None], axis=1)
                                     for x in (slots, key_pos, split, group))
-  one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
-  sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)  # n per (split, pool).
+  if num_groups == 1:  # Each split's count in closed form: no reduction, two launches fewer.
+    sizes = jnp.clip(count[:, None] - jnp.arange(num_splits) * dyn_share[:, None], 0,
+                     dyn_share[:, None])[:, :, None]
+  else:
+    one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
+    sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)  # Per (split, pool).
   group_start = jnp.cumsum(sizes, axis=2) - sizes  # Within the split's sorted entries.
   split_start = jnp.clip(jnp.arange(num_splits) * dyn_share[:, None], 0, count[:, None])
   blocks = (sizes + pages_per_block - 1) // pages_per_block
@@ -578,5 +583,5 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
   partials = run_kernel(*inputs, cache, pages_per_block=pages_per_block, stages=stages,
                         code_stages=code_stages,
                         scale=head_dim**-0.5 if scale is None else scale, softcap=softcap)
-  out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)
-  return out if return_lse else out.astype(q.dtype)
+  return combine_splits.combine_splits(partials, q.shape, sinks=sinks, return_lse=return_lse,
+                                       out_dtype=q.dtype)

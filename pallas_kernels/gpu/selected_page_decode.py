@@ -12,11 +12,11 @@ FP8/INT8 codes times their scales), and attend every query row of the kv head at
 packing: a page is read once per kv head) with an online softmax. INT4 pages are unpacked as the
 two halves of the channels (their storage layout) into two half-width accumulators, added to the
 full-width one after the kernel, so no path slices registers. Splits (flash-decoding) are
-combined by log-sum-exp after the kernel, where the sink logits join the denominator.
+combined by log-sum-exp after the kernel (`combine_splits`, one launch), where the sink logits
+join the denominator.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,12 @@ from intent_jax.precision import NUM_PRECISIONS, Precision
 from intent_jax.page_table import BITS_PER_WORD, PageTable
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
+from pallas_kernels.gpu import combine_splits
 from pallas_kernels.splits import MASK_VALUE
 
 MIN_ROWS = 16  # Triton's smallest matmul tile.
 _BOUNDS = 8  # bounds[b] holds NUM_PRECISIONS + 1 = 5 offsets, padded to a power of two.
 _SLOT, _PAGE, _BITS = 0, 1, 2  # Columns of the entries array: pool slot, page id, token bits.
-
-
-def _next_power_of_two(n: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def static_validate_inputs(q, cache, table) -> None:
@@ -243,13 +240,13 @@ def selected_page_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_pos
   partials = run_kernel(inputs, cache, num_splits=num_splits, blocks=blocks, poison=poison,
                         interpret=interpret, compute_dtype=q.dtype,
                         scale=q.shape[-1]**-0.5 if scale is None else scale, softcap=softcap)
-  out = splits.combine(partials, q.shape, sinks=sinks, return_lse=return_lse)
-  return out if return_lse else out.astype(q.dtype)
+  return combine_splits.combine_splits(partials, q.shape, sinks=sinks, return_lse=return_lse,
+                                       out_dtype=q.dtype, interpret=interpret)
 
 
 def padded_rows(used_rows: int) -> int:
   """Query rows of a kv head padded to a matmul tile."""
-  return max(MIN_ROWS, _next_power_of_two(used_rows))
+  return max(MIN_ROWS, splits.next_power_of_two(used_rows))
 
 
 def query_rows(q, num_kv_heads: int):
