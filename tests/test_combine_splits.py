@@ -34,15 +34,16 @@ def random_partials(seed, batch, num_kv_heads, num_splits, padded_rows, head_dim
 class CombineSplitsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("one_token", 1, 8, 2, 3, 64, False),
-      ("one_token_sinks", 1, 8, 2, 5, 16, True),
-      ("three_tokens_sinks", 3, 8, 2, 4, 16, True),  # 12 rows used, 16 merged.
-      ("one_split", 2, 4, 1, 1, 64, False),
-      ("three_chunks_of_two", 1, 8, 2, 6, 64, True),  # Splits read two at a time.
+      ("one_token", 1, 8, 2, 3, 64, 32, False),
+      ("one_token_sinks", 1, 8, 2, 5, 16, 32, True),
+      ("three_tokens_sinks", 3, 8, 2, 4, 16, 32, True),  # 12 rows used, 16 merged.
+      ("one_split", 2, 4, 1, 1, 64, 16, False),
+      ("three_chunks_of_two", 1, 8, 2, 6, 64, 32, True),  # Splits read two at a time.
+      ("four_blocks_of_channels", 1, 8, 2, 4, 64, 128, True),
   )
   def test_matches_combine(self, q_len, num_q_heads, num_kv_heads, num_splits, padded_rows,
-                           with_sinks):
-    batch, head_dim = 2, 32
+                           head_dim, with_sinks):
+    batch = 2
     used_rows = num_q_heads // num_kv_heads * q_len
     partials = random_partials(q_len + num_splits, batch, num_kv_heads, num_splits, padded_rows,
                                head_dim, used_rows, q_len)
@@ -70,10 +71,13 @@ class CombineSplitsTest(parameterized.TestCase):
     text = merge.trace(partials, sinks).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("triton", text)
 
-  def test_rejects_partials_with_too_few_rows(self):
+  def test_rejects_what_it_cannot_merge(self):
     partials = random_partials(0, 1, 1, 2, 4, 32, 4)
     with self.assertRaisesRegex(ValueError, "fewer than the 8 needed"):
       combine_splits.combine_splits(partials, (1, 2, 4, 32), interpret=INTERPRET)
+    partials = random_partials(0, 1, 1, 2, 4, 48, 4)
+    with self.assertRaisesRegex(ValueError, "power of two, got 48"):
+      combine_splits.combine_splits(partials, (1, 1, 4, 48), interpret=INTERPRET)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Reference: `splits.combine`, the answer this must match (its merge is
 
 At B=1 the decode kernel itself takes 20-55 us, and each small XLA kernel around it 1.5-3 us;
 `splits.combine` compiles to four (the splits' log-sum-exp, their weights, the weights' sum, the
-weighted sum), this to one: a program per (sequence, kv head) reads the splits' (m, l) twice
-(for the maximum, then for the weights) and their acc once, several splits a load, and writes the
-query rows' output in the caller's dtype (and their log-sum-exp).
+weighted sum), this to one: a program per (sequence, kv head, 32 channels) reads the splits' (m,
+l) twice (for the maximum, then for the weights) and their acc once, several splits a load, and
+writes the query rows' output in the caller's dtype (and their log-sum-exp).
 """
 
 import functools
@@ -75,11 +75,11 @@ def _kernel(m_ref, l_ref, acc_ref, *refs, rows: int, chunk: int, with_sinks: boo
                                 -jnp.inf)
 
 
-def _chunk(num_splits: int, rows: int, head_dim: int) -> int:
+def _chunk(num_splits: int, rows: int, channels: int) -> int:
   """Splits a program reads at once: the largest power of two dividing num_splits whose acc
   block stays within _CHUNK_VALUES (registers: 64 a thread at 4 warps)."""
   chunk = num_splits & -num_splits
-  while chunk > 1 and chunk * rows * head_dim > _CHUNK_VALUES:
+  while chunk > 1 and chunk * rows * channels > _CHUNK_VALUES:
     chunk //= 2
   return chunk
 
@@ -92,7 +92,7 @@ def combine_splits(partials, q_shape, *, sinks=None, return_lse: bool = False,
     partials: (m, l, acc[, acc_low, acc_high]): m, l f32[batch, kv heads, splits, padded
       rows], acc f32[batch, kv heads, splits, padded rows, head_dim] (or two halves of it); row
       g * q_len + t is query head g of the group at token t (`splits.query_rows`).
-    q_shape: (batch, q_len, num_q_heads, head_dim).
+    q_shape: (batch, q_len, num_q_heads, head_dim), head_dim a power of two.
     sinks: optional f32[num_q_heads].
     return_lse: also return the merged log-sum-exp f32[batch, q_len, num_q_heads].
     out_dtype: dtype of the output (float32 with return_lse).
@@ -109,6 +109,8 @@ def combine_splits(partials, q_shape, *, sinks=None, return_lse: bool = False,
   rows = splits.next_power_of_two(used_rows)  # Triton's arrays: sizes are powers of two.
   if rows > padded_rows:
     raise ValueError(f"partials hold {padded_rows} rows a kv head, fewer than the {rows} needed")
+  if head_dim & (head_dim - 1):
+    raise ValueError(f"combine_splits merges a head_dim that is a power of two, got {head_dim}")
   if return_lse:
     out_dtype = jnp.float32
   channels = min(head_dim, _CHANNELS)
