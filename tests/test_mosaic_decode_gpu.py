@@ -327,10 +327,14 @@ class CompiledTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("int8", (B16, INT8), INT8, 16, 3), ("fp8", (B16, FP8), FP8, 16, 2),
       ("int4", (B16, INT4), INT4, 16, 3), ("int4_page64", (B16, INT4), INT4, 64, 2),
-      ("mixed", (B16, INT8, INT4), None, 16, 4), ("mixed_fp8", (B16, FP8, INT4), None, 32, 1))
-  def test_quantized_pages_match_paged_oracle(self, formats, every_page, page_size, num_splits):
-    cache, table = quantized_case(9, formats, every_page=every_page, page_size=page_size)
-    q = jax.random.normal(jax.random.key(page_size), (BATCH, 1, 8, 128), jnp.bfloat16)
+      ("mixed", (B16, INT8, INT4), None, 16, 4), ("mixed_fp8", (B16, FP8, INT4), None, 32, 1),
+      # head_dim 64: tiles of 16 keys of 8-bit codes (as INT4's at 128).
+      ("int8_head64", (B16, INT8), INT8, 16, 2, 64), ("fp8_head64", (B16, FP8), None, 32, 3, 64))
+  def test_quantized_pages_match_paged_oracle(self, formats, every_page, page_size, num_splits,
+                                              head_dim=128):
+    cache, table = quantized_case(9, formats, every_page=every_page, page_size=page_size,
+                                  head_dim=head_dim)
+    q = jax.random.normal(jax.random.key(page_size), (BATCH, 1, 8, head_dim), jnp.bfloat16)
     out = kernel.mosaic_decode(q, cache, table, num_splits=num_splits, softcap=30.0)
     expected = reference.paged_attention(q, cache, table, softcap=30.0)
     out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)

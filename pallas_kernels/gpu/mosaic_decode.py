@@ -27,6 +27,7 @@ a NumPy model of its arithmetic, and the kernel by its lowering.
 """
 
 import functools
+import inspect
 import math
 
 import jax
@@ -57,6 +58,14 @@ SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 ro
 _NIBBLE_BF16_BITS = 0x4308
 _NIBBLE_BF16_OFFSET = 136
 LOG2E = math.log2(math.e)
+# plgpu.load's index argument: required in jax 0.10, deprecated (the ref indexed instead) in 0.11.
+_LOAD_INDEX = (((),) if inspect.signature(plgpu.load).parameters["idx"].default is
+               inspect.Parameter.empty else ())
+
+
+def _load(ref, layout):
+  """Registers of the whole (indexed) ref in `layout`."""
+  return plgpu.load(ref, *_LOAD_INDEX, layout=layout)
 
 
 def _swizzled(width_bytes: int, bits: int):
@@ -174,7 +183,7 @@ def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
   layout = _tile_layout(rows, width)
   for first in range(0, keys, rows):
     tile = pl.ds(first, rows)
-    codes = plgpu.load(codes_ref.at[tile], (), layout=layout)
+    codes = _load(codes_ref.at[tile], layout)
     if precision == Precision.INT4:
       half = head_dim // 2
       for values, channels in zip(_int4_halves_as_bf16(codes), (pl.ds(0, half),
@@ -198,8 +207,7 @@ def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page
   bfloat16 either way."""
 
   def scaled(values, first, channels, layout):
-    scale = plgpu.load(bf16_scale_ref.at[first // page_size, channels], (),
-                       layout=layout.reduce(0))
+    scale = _load(bf16_scale_ref.at[first // page_size, channels], layout.reduce(0))
     return values * _broadcast(scale, values.shape, 1, layout)
 
   _store_dequantized(codes_ref, out_ref, precision, scaled)
@@ -210,7 +218,7 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
   bfloat16."""
 
   def scaled(values, first, _, layout):
-    scale = plgpu.load(scale_ref.at[pl.ds(first, values.shape[0])], (), layout=layout.reduce(1))
+    scale = _load(scale_ref.at[pl.ds(first, values.shape[0])], layout.reduce(1))
     return values * _broadcast(scale, values.shape, 0, layout)
 
   _store_dequantized(codes_ref, out_ref, precision, scaled)
