@@ -93,7 +93,7 @@ _TIMING = flags.DEFINE_enum("timing", "device", ["device", "wall"],
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds (median).")
 _CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round (wall timing).")
 _REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence per timed function (device timing).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file (after each row).")
 
 
 def select_pages(record, cache, q, fraction, kernel_seconds, measure):
@@ -289,6 +289,7 @@ def main(argv):
                **extra)
     row["pct_copy"] = 100 * row["gbps"] / copy_gbps
     rows.append(row)
+    report.write_json(_JSON_OUT.value, rows)  # Row by row: a run cut short keeps what it measured.
     print(f"{name:<34} B={batch:<3} T={num_tokens:<7} ps={page_size:<3} sel={selection:<7}"
           f" {storage:<6} {row['us']:>9.1f} us {row['gbps']:>7.0f} GB/s {row['pct_copy']:>5.1f}%"
           + "".join(f" {k}={v:.2e}" if isinstance(v, float) else f" {k}={v}"
