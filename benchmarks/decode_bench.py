@@ -93,7 +93,8 @@ _TIMING = flags.DEFINE_enum("timing", "device", ["device", "wall"],
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds (median).")
 _CALLS = flags.DEFINE_integer("calls", 30, "Back-to-back calls per round (wall timing).")
 _REPS = flags.DEFINE_integer("reps", 10, "Calls in sequence per timed function (device timing).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file (after each row).")
+_JSON_OUT = flags.DEFINE_string("json_out", None,
+                                "Also write the rows to this JSON file (after each row).")
 
 
 def select_pages(record, cache, q, fraction, kernel_seconds, measure):

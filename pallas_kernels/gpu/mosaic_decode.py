@@ -409,24 +409,22 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
   count = jnp.minimum(table.num_pages, max_pages)
   per_split = num_splits * pages_per_block
   dyn_share = (count + per_split - 1) // per_split * pages_per_block  # d above, per sequence.
-  entry = jnp.arange(max_pages)[None, :]
-  split = jnp.where(entry < count[:, None], entry // jnp.maximum(dyn_share[:, None], 1),
-                    num_splits)  # Past the table: after every split.
-  # Unmapped entries are never attended: any group holds them.
-  group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
-  if num_groups > 1:
+  split_start = jnp.clip(jnp.arange(num_splits) * dyn_share[:, None], 0, count[:, None])
+  if num_groups == 1:  # Each split's count in closed form: no sort or reduction (2 launches).
+    sizes = jnp.minimum(count[:, None] - split_start, dyn_share[:, None])[:, :, None]
+  else:  # Entries sorted by (split, pool), then counted per (split, pool).
+    entry = jnp.arange(max_pages)[None, :]
+    split = jnp.where(entry < count[:, None], entry // jnp.maximum(dyn_share[:, None], 1),
+                      num_splits)  # Past the table: after every split.
+    # Unmapped entries are never attended: any group holds them.
+    group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
     order = jnp.argsort((split * num_groups + group) * max_pages + entry, axis=1)
     slots, key_pos, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else
                                                         order[:, :, None], axis=1)
                                     for x in (slots, key_pos, split, group))
-  if num_groups == 1:  # Each split's count in closed form: no reduction, two launches fewer.
-    sizes = jnp.clip(count[:, None] - jnp.arange(num_splits) * dyn_share[:, None], 0,
-                     dyn_share[:, None])[:, :, None]
-  else:
     one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
-    sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)  # Per (split, pool).
+    sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)
   group_start = jnp.cumsum(sizes, axis=2) - sizes  # Within the split's sorted entries.
-  split_start = jnp.clip(jnp.arange(num_splits) * dyn_share[:, None], 0, count[:, None])
   blocks = (sizes + pages_per_block - 1) // pages_per_block
   blocks_end = jnp.cumsum(blocks, axis=2)
   share = _split_share(max_pages, num_splits, pages_per_block, num_groups)
