@@ -21,19 +21,20 @@ def next_power_of_two(n: int) -> int:
 
 
 def query_rows(q, num_kv_heads: int, rows: int):
-  """GQA packing: the query rows of each kv head, row g * q_len + t for query head g of the group
-  and token t, zero-padded to `rows` (>= group * q_len): [batch, kv heads, rows, head_dim]."""
+  """GQA packing: the query rows of each kv head, row t * group + g for token t and query head g
+  of the group (token-major: a token's rows are its heads' consecutive rows of q), zero-padded
+  to `rows` (>= q_len * group): [batch, kv heads, rows, head_dim]."""
   batch, q_len, num_q_heads, head_dim = q.shape
   group = num_q_heads // num_kv_heads
-  packed = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1, 3)
-  packed = packed.reshape(batch, num_kv_heads, group * q_len, head_dim)
-  return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - group * q_len), (0, 0)))
+  packed = jnp.moveaxis(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 2, 1)
+  packed = packed.reshape(batch, num_kv_heads, q_len * group, head_dim)
+  return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0)))
 
 
 def row_positions(q_positions, group: int, rows: int):
-  """The position of each `query_rows` row, i32[batch, rows]: row g * q_len + t is at token t's
+  """The position of each `query_rows` row, i32[batch, rows]: row t * group + g is at token t's
   position, padding rows at -1 (they see no key)."""
-  row_pos = jnp.tile(q_positions.astype(jnp.int32), (1, group))
+  row_pos = jnp.repeat(q_positions.astype(jnp.int32), group, axis=1)
   return jnp.pad(row_pos, ((0, 0), (0, rows - row_pos.shape[1])), constant_values=-1)
 
 
@@ -54,8 +55,8 @@ def unpack_rows(x, q_len: int, num_q_heads: int):
   the padding rows dropped."""
   batch, num_kv_heads, _, *tail = x.shape
   group = num_q_heads // num_kv_heads
-  x = x[:, :, :group * q_len].reshape(batch, num_kv_heads, group, q_len, *tail)
-  return jnp.moveaxis(x, 3, 1).reshape(batch, q_len, num_q_heads, *tail)
+  x = x[:, :, :q_len * group].reshape(batch, num_kv_heads, q_len, group, *tail)
+  return jnp.moveaxis(x, 2, 1).reshape(batch, q_len, num_q_heads, *tail)
 
 
 def whole_acc(partials):
@@ -72,8 +73,8 @@ def combine(partials, q_shape, *, sinks=None, return_lse=False):
 
   Args:
     partials: (m, l, acc[, acc_low, acc_high]): m, l f32[batch, kv_heads, splits, rows], acc
-      f32[batch, kv_heads, splits, rows, head_dim] (or two halves of it); row g * q_len + t is
-      query head g of the group at query token t; rows past group * q_len are padding.
+      f32[batch, kv_heads, splits, rows, head_dim] (or two halves of it); row t * group + g is
+      query head g of the group at query token t; rows past q_len * group are padding.
     q_shape: (batch, q_len, num_q_heads, head_dim).
     sinks: optional f32[num_q_heads].
     return_lse: also return the merged log-sum-exp f32[batch, q_len, num_q_heads].

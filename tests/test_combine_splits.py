@@ -25,7 +25,7 @@ def random_partials(seed, batch, num_kv_heads, num_splits, padded_rows, head_dim
   l = jax.random.uniform(keys[1], shape, minval=0.5, maxval=20.0)
   acc = jax.random.normal(keys[2], shape + (head_dim,)) * l[..., None]
   empty = jax.random.bernoulli(keys[3], 0.3, shape)
-  empty = empty.at[0, 0, :, q_len].set(True)  # Row g * q_len + t, g = 1, t = 0.
+  empty = empty.at[0, 0, :, 1].set(True)  # Row t * group + g, t = 0, g = 1.
   empty = empty | (jnp.arange(padded_rows) >= used_rows)
   m = jnp.where(empty, splits.MASK_VALUE, m)
   return m, jnp.where(empty, 0.0, l), jnp.where(empty[..., None], 0.0, acc)

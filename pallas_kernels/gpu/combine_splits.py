@@ -91,7 +91,7 @@ def combine_splits(partials, q_shape, *, sinks=None, return_lse: bool = False,
   Args:
     partials: (m, l, acc[, acc_low, acc_high]): m, l f32[batch, kv heads, splits, padded
       rows], acc f32[batch, kv heads, splits, padded rows, head_dim] (or two halves of it); row
-      g * q_len + t is query head g of the group at token t (`splits.query_rows`).
+      t * group + g is query head g of the group at token t (`splits.query_rows`).
     q_shape: (batch, q_len, num_q_heads, head_dim), head_dim a power of two.
     sinks: optional f32[num_q_heads].
     return_lse: also return the merged log-sum-exp f32[batch, q_len, num_q_heads].
@@ -121,8 +121,8 @@ def combine_splits(partials, q_shape, *, sinks=None, return_lse: bool = False,
   arrays = [m, l, acc]
   in_specs = [per_head(num_splits, padded_rows)] * 2 + [per_channels(num_splits, padded_rows)]
   if sinks is not None:
-    # Each row's sink: row g * q_len + t is query head h * group + g; padding rows see none.
-    row_sinks = jnp.repeat(sinks.astype(jnp.float32).reshape(num_kv_heads, -1), q_len, axis=1)
+    # Each row's sink: row t * group + g is query head h * group + g; padding rows see none.
+    row_sinks = jnp.tile(sinks.astype(jnp.float32).reshape(num_kv_heads, -1), (1, q_len))
     arrays.append(jnp.pad(row_sinks, ((0, 0), (0, rows - used_rows)),
                           constant_values=-jnp.inf))
     in_specs.append(pl.BlockSpec((None, rows), lambda b, h, c: (h, 0)))

@@ -79,7 +79,7 @@ def prepare(q, cache, table: PageTable, q_positions, pages_per_block: int):
     slots i32[batch, blocks * pages_per_block]: pool slot of each entry (0 for padding);
     positions i32[batch, blocks, pages_per_block * page_size]: each key's position, NEVER where
       the token is not selected or the entry is padding;
-    q_rows [batch, kv_heads, rows, head_dim]: query rows (query head in group, token), padded;
+    q_rows [batch, kv_heads, rows, head_dim]: query rows (`splits.query_rows`), padded;
     row_positions i32[batch, rows, 1]: each row's query position (-1 for padding rows).
   """
   cfg = cache.config
@@ -88,8 +88,7 @@ def prepare(q, cache, table: PageTable, q_positions, pages_per_block: int):
   used_rows = group * q_len
   rows = math.ceil(used_rows / 16) * 16
   q_rows = splits.query_rows(q, cfg.num_kv_heads, rows)
-  row_positions = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, group)),
-                          ((0, 0), (0, rows - used_rows)), constant_values=-1)[..., None]
+  row_positions = splits.row_positions(q_positions, group, rows)[..., None]
 
   # Counting sort by stored precision, each precision's run padded to whole blocks.
   pools, slots = cache_lib.lookup(cache, table)
