@@ -95,19 +95,20 @@ def mosaic_stages(q, cache, table) -> dict:
                                                    pages_per_block,
                                                    tuned_block_sizes.GPU_DEFAULT_CORES)
 
-  prepare = lambda q, cache, table: mosaic_decode.prepare(
-      q, cache, table, table.query_positions(1), num_splits, pages_per_block)
+  prepare = lambda q, cache, table: mosaic_decode.prepare(q, cache, table, None, num_splits,
+                                                           pages_per_block)
   inputs = prepare(q, cache, table)
-  run_kernel = functools.partial(mosaic_decode.run_kernel, pages_per_block=pages_per_block,
+  run_kernel = functools.partial(mosaic_decode.run_kernel, max_pages=table.max_pages,
+                                 num_splits=num_splits, pages_per_block=pages_per_block,
                                  stages=tuned_block_sizes.MOSAIC_DECODE_STAGES,
                                  code_stages=tuned_block_sizes.MOSAIC_DECODE_CODE_STAGES,
                                  scale=128**-0.5, softcap=None)
-  partials = run_kernel(*inputs, cache)
+  partials = run_kernel(q, *inputs, cache)
   return {
       f"mosaic: mosaic_decode splits={num_splits}": (mosaic_decode.mosaic_decode,
                                                       (q, cache, table)),
-      "mosaic: prepare (entries, rows)": (prepare, (q, cache, table)),
-      "mosaic: kernel": (run_kernel, inputs + (cache,)),
+      "mosaic: prepare (entries)": (prepare, (q, cache, table)),
+      "mosaic: kernel": (run_kernel, (q,) + inputs + (cache,)),
       "mosaic: combine (combine_splits)": (lambda p: combine_splits.combine_splits(
           p, q.shape, out_dtype=q.dtype), (partials,)),
   }

@@ -68,39 +68,70 @@ def stored_pages(cache, precision):
   return k, v
 
 
-def modelled_partials(q_rows, row_pos, slots, key_pos, blocks, v_scales, cache, pages_per_block,
-                      scale):
+def split_windows(counts, entries, cache, max_pages, num_splits, pages_per_block):
+  """The entries each (sequence, split) reads, as the kernel finds them: yields (b, s, first:
+  the window's first entry, window i32[fields, entries], each entry's group, valid: entries at
+  or past it are not the split's, or None)."""
+  counts, entries = np.asarray(counts), np.asarray(entries)
+  num_groups = len(cache_lib.stored_precisions(cache))
+  share = kernel._split_share(max_pages, num_splits, pages_per_block, num_groups)
+  for b in range(entries.shape[0]):
+    for s in range(num_splits):
+      if counts.ndim == 1:  # One pool: table order.
+        first, valid = (int(x) for x in kernel.table_split(min(counts[b], max_pages), s,
+                                                           num_splits, pages_per_block))
+        blocks = [-(-valid // pages_per_block)]
+      else:
+        first, valid, blocks = s * share, None, counts[b, s]
+      groups = np.repeat(np.arange(len(blocks)), np.asarray(blocks) * pages_per_block)
+      yield b, s, first, entries[b, :, first:first + groups.size], groups, valid
+
+
+def window_key_positions(window, valid, page_size):
+  """i32[entries, page_size]: each key's position from its entry's first position and token
+  bits, NEVER where its bit is clear or its entry is at or past `valid`."""
+  offsets = np.arange(page_size)
+  bits = (window[kernel.WORDS + offsets // 32].T >> (offsets % 32)) & 1
+  if valid is not None:
+    bits[valid:] = 0
+  return np.where(bits == 1, window[kernel.FIRST_POSITION][:, None] + offsets, kernel.NEVER)
+
+
+def modelled_partials(q, positions, counts, entries, v_scales, cache, *, max_pages, num_splits,
+                      pages_per_block, scale):
   """What the kernel computes from its inputs, in float64 NumPy: (m, l, acc) per split."""
   pages = [stored_pages(cache, p) for p in cache_lib.stored_precisions(cache)]
-  q_rows, row_pos, slots, key_pos, blocks = (
-      np.asarray(x) for x in (q_rows, row_pos, slots, key_pos, blocks))
-  batch, heads, rows, head_dim = q_rows.shape
-  num_splits = slots.shape[1]
+  batch, q_len, num_q_heads, head_dim = q.shape
+  heads = cache.config.num_kv_heads
+  rows, group = kernel.ROWS, num_q_heads // heads
+  q_rows = np.asarray(splits.query_rows(q, heads, rows), np.float64)
+  if positions.ndim == 1:  # Sequence lengths: the last q_len positions.
+    positions = positions[:, None] - q_len + jnp.arange(q_len)
+  row_pos = np.asarray(splits.row_positions(positions, group, rows))
   page_size = cache.config.page_size
   m = np.full((batch, heads, num_splits, rows), splits.MASK_VALUE)
   l = np.zeros((batch, heads, num_splits, rows))
   acc = np.zeros((batch, heads, num_splits, rows, head_dim))
-  for b in range(batch):
-    for s in range(num_splits):
-      groups = np.repeat(np.arange(blocks.shape[2]), blocks[b, s] * pages_per_block)
-      entries = slots[b, s].reshape(-1)[:groups.size]
-      if not entries.size:
+  windows = split_windows(counts, entries, cache, max_pages, num_splits, pages_per_block)
+  for b, s, first, window, groups, valid in windows:
+    if not groups.size:
+      continue
+    key_pos = window_key_positions(window, valid, page_size).reshape(-1)
+    slots = window[kernel.SLOT]
+    for h in range(heads):
+      k = np.stack([pages[g][0][h, e] for g, e in zip(groups, slots)]).reshape(-1, head_dim)
+      v = np.stack([pages[g][1][h, e] for g, e in zip(groups, slots)]).reshape(-1, head_dim)
+      if v_scales is not None:
+        v = v * np.asarray(v_scales, np.float64)[b, h, first * page_size:][:v.shape[0], None]
+      logits = q_rows[b, h] @ k.T
+      logits = np.where(key_pos[None, :] <= row_pos[b][:, None], logits * scale, -np.inf)
+      seen = np.isfinite(logits).any(axis=1)
+      if not seen.any():
         continue
-      positions = key_pos[b, s][:entries.size * page_size]
-      for h in range(heads):
-        k = np.stack([pages[g][0][h, e] for g, e in zip(groups, entries)]).reshape(-1, head_dim)
-        v = np.stack([pages[g][1][h, e] for g, e in zip(groups, entries)]).reshape(-1, head_dim)
-        if v_scales is not None:
-          v = v * np.asarray(v_scales, np.float64)[b, h, s, :v.shape[0], None]
-        logits = np.asarray(q_rows[b, h], np.float64) @ k.T
-        logits = np.where(positions[None, :] <= row_pos[b][:, None], logits * scale, -np.inf)
-        seen = np.isfinite(logits).any(axis=1)
-        if not seen.any():
-          continue
-        m[b, h, s] = np.where(seen, logits.max(axis=1), splits.MASK_VALUE)
-        weights = np.exp(logits - m[b, h, s][:, None])
-        l[b, h, s] = weights.sum(axis=1)
-        acc[b, h, s] = weights @ v
+      m[b, h, s] = np.where(seen, logits.max(axis=1), splits.MASK_VALUE)
+      weights = np.exp(logits - m[b, h, s][:, None])
+      l[b, h, s] = weights.sum(axis=1)
+      acc[b, h, s] = weights @ v
   return tuple(jnp.asarray(x, jnp.float32) for x in (m, l, acc))
 
 
@@ -130,16 +161,16 @@ class ProgramEntriesTest(parameterized.TestCase):
     cache, table = bf16_case(5, num_kv_heads=num_kv_heads, page_size=page_size)
     q = jax.random.normal(jax.random.key(1), (BATCH, q_len, num_q_heads, 64), jnp.bfloat16)
     q_positions = cache.lengths[:, None] - q_len - back + jnp.arange(q_len)
-    inputs = kernel.prepare(q, cache, table, q_positions, num_splits, pages_per_block)
-    slots, key_pos, blocks, v_scales = inputs[2:]
-    self.assertEqual(slots.shape[:2], (BATCH, num_splits))
-    self.assertEqual(key_pos.shape[2], slots.shape[2] * slots.shape[3] * page_size)
+    given = None if back == 0 and q_len == 1 else q_positions  # The default: from seq_lens.
+    inputs = kernel.prepare(q, cache, table, given, num_splits, pages_per_block)
+    positions, counts, entries, v_scales = inputs
+    self.assertEqual(positions.ndim, 1 if given is None else 2)
+    np.testing.assert_array_equal(counts, table.num_pages)  # Table order: one pool.
+    self.assertEqual(entries.shape[:2], (BATCH, 2 + -(-page_size // 32)))
     self.assertIsNone(v_scales)
-    # Every entry of the table lies in some split's blocks.
-    np.testing.assert_array_equal(
-        np.asarray(blocks).sum(axis=(1, 2)) * pages_per_block >= np.asarray(table.num_pages),
-        True)
-    partials = modelled_partials(*inputs, cache, pages_per_block, 0.125)
+    partials = modelled_partials(q, *inputs, cache, max_pages=table.max_pages,
+                                 num_splits=num_splits, pages_per_block=pages_per_block,
+                                 scale=0.125)
     out, lse = splits.combine(partials, q.shape, return_lse=True)
     attend = lambda positions: reference.paged_attention(q, cache, table, q_positions=positions,
                                                          scale=0.125, return_lse=True)
@@ -165,10 +196,11 @@ class ProgramEntriesTest(parameterized.TestCase):
     kinds = set(np.asarray(stored)[in_table].tolist())
     self.assertGreater(len(kinds), 1)  # Pages of several formats in one table.
     q = jax.random.normal(jax.random.key(3), (BATCH, 1, 8, 128), jnp.bfloat16)
-    inputs = kernel.prepare(q, cache, table, table.query_positions(1), num_splits, 4)
-    blocks = np.asarray(inputs[4])
+    inputs = kernel.prepare(q, cache, table, None, num_splits, 4)
+    blocks = np.asarray(inputs[1])
     self.assertEqual(blocks.shape, (BATCH, num_splits, len(formats)))
-    partials = modelled_partials(*inputs, cache, 4, 0.1)
+    partials = modelled_partials(q, *inputs, cache, max_pages=table.max_pages,
+                                 num_splits=num_splits, pages_per_block=4, scale=0.1)
     out, lse = splits.combine(partials, q.shape, return_lse=True)
     expected, expected_lse = reference.paged_attention(q, cache, table, scale=0.1,
                                                        return_lse=True)
@@ -180,39 +212,43 @@ class ProgramEntriesTest(parameterized.TestCase):
     table is in exactly one block."""
     cache, table = quantized_case(12, (B16, INT8, INT4))
     pools, slots = (np.asarray(x) for x in cache_lib.lookup(cache, table))
-    prog_slots, key_pos, blocks, groups = (
-        np.asarray(x) for x in kernel.program_entries(cache, table, 3, 4))
+    entries, blocks, groups = kernel.program_entries(cache, table, 3, 4)
+    share = kernel._split_share(table.max_pages, 3, 4, 3)
     precisions = cache_lib.stored_precisions(cache)
-    positions = np.asarray(table.token_positions())
-    mask = np.asarray(table.page_token_mask())
-    for b in range(BATCH):
-      seen = []
-      for s in range(3):
-        group_of_entry = np.repeat(np.arange(len(precisions)), blocks[b, s] * 4)
-        np.testing.assert_array_equal(groups[b, s, :group_of_entry.size], group_of_entry)
-        entries = prog_slots[b, s].reshape(-1)
-        tokens = key_pos[b, s].reshape(-1, table.page_size)
-        for e in range(group_of_entry.size):
-          if (tokens[e] == kernel.NEVER).all():
-            continue
-          first = tokens[e][tokens[e] != kernel.NEVER][0]
-          page = np.nonzero(((positions[b] == first) & mask[b]).any(axis=1))[0][0]
-          self.assertEqual(pools[b, page], precisions[group_of_entry[e]])
-          self.assertEqual(slots[b, page], entries[e])
-          seen.extend(tokens[e][tokens[e] != kernel.NEVER].tolist())
-      np.testing.assert_array_equal(np.sort(seen), np.sort(positions[b][mask[b]]))
+    page_ids = np.asarray(table.page_ids)
+    self._assert_every_token_once(
+        table, split_windows(blocks, entries, cache, table.max_pages, 3, 4))
+    for b, s, first, window, window_groups, _ in split_windows(blocks, entries, cache,
+                                                                table.max_pages, 3, 4):
+      np.testing.assert_array_equal(np.asarray(groups)[b, first:first + window_groups.size],
+                                    window_groups)
+      attended = (window[kernel.WORDS:] != 0).any(axis=0)
+      for e in np.nonzero(attended)[0]:
+        page = np.nonzero(page_ids[b] * table.page_size == window[kernel.FIRST_POSITION, e])[0]
+        self.assertEqual(pools[b, page[0]], precisions[window_groups[e]])
+        self.assertEqual(slots[b, page[0]], window[kernel.SLOT, e])
 
-  def test_unattended_keys_are_never_visible(self):
-    """Keys the table leaves out of partial pages, and entries past each split's share or the
-    table, get position NEVER; the others their token's position, once."""
+  @parameterized.parameters(1, 2, 5)
+  def test_table_order_windows_hold_every_key_once(self, num_splits):
+    """One pool: keys the table leaves out of partial pages, and entries of the next split or
+    past the table, get position NEVER; the others their token's position, once."""
     cache, table = bf16_case(2, recent=0)
-    _, key_pos, _, _ = kernel.program_entries(cache, table, 2, 4)
-    key_pos = np.asarray(key_pos).reshape(BATCH, -1)
     mask = np.asarray(table.page_token_mask())
     self.assertLess(mask.sum(), int(jnp.sum(table.num_pages)) * table.page_size)  # Partial pages.
+    entries, blocks, _ = kernel.program_entries(cache, table, num_splits, 4)
+    self.assertIsNone(blocks)
+    self._assert_every_token_once(table, split_windows(table.num_pages, entries, cache,
+                                                       table.max_pages, num_splits, 4))
+
+  def _assert_every_token_once(self, table, windows):
+    seen = [[] for _ in range(BATCH)]
+    for b, _, _, window, _, valid in windows:
+      key_pos = window_key_positions(window, valid, table.page_size)
+      seen[b].extend(key_pos[key_pos != kernel.NEVER].tolist())
+    mask = np.asarray(table.page_token_mask())
     for b in range(BATCH):
       want = np.sort(np.asarray(table.token_positions())[b][mask[b]])
-      np.testing.assert_array_equal(np.sort(key_pos[b][key_pos[b] != kernel.NEVER]), want)
+      np.testing.assert_array_equal(np.sort(seen[b]), want)
 
   def test_rejects_what_it_does_not_run(self):
     cache, table = bf16_case(1)

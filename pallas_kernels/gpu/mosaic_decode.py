@@ -3,20 +3,25 @@
 Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
 Work: one CUDA block per (sequence, kv head, split), three warpgroups (warp specialization).
-Two memory warpgroups, one for K and one for V (the keys' positions come with K for BF16 blocks,
-with V for quantized ones, whose warpgroup also copies K's page scales), copy the split's pool
-slots into shared memory and fill a ring of `stages` BF16 buffers of `pages_per_block` pages
-each, refilling a buffer as soon as the compute warpgroup releases it: BF16 pages by TMA, one
-copy per page, straight into the ring; quantized pages (FP8, INT8, INT4) by TMA into
-`code_stages` code buffers with their scales, then dequantized in registers (K times its scale
-per channel of the page, V times its scale per token) and stored into the ring as bfloat16.
-The wrapper groups each split's table entries by the pool their page is stored in, each group in
-whole blocks, so a block is of one format and each warpgroup runs one branch-free loop per pool.
-The compute warpgroup multiplies the kv head's query rows (GQA packing, padded to wgmma's 64
-rows) by each buffer with wgmma, masks each row's keys by position (a key's position, or NEVER
-where the table does not attend it, against the row's query position), keeps an online softmax
-in registers, and writes (m, l, acc) per split; `combine_splits` merges the splits in one launch
-(sinks join there), as for the Triton kernel (`selected_page_decode`).
+Each split reads a window of the program's entries (`program_entries`: each entry's pool slot,
+its page's first position and its token bits). With one pool the entries are the table's, in
+table order, and each split finds its window from the table's page count (`table_split`), so the
+wrapper does no per-split work; with several, the wrapper groups each split's entries by the pool
+their page is stored in, each group in whole blocks, so a block is of one format and each
+warpgroup runs one branch-free loop per pool.
+Two memory warpgroups, one for K and one for V (the V warpgroup also copies K's page scales of
+quantized blocks), copy the window into shared memory and fill a ring of `stages` BF16 buffers
+of `pages_per_block` pages each, refilling a buffer as soon as the compute warpgroup releases
+it: BF16 pages by TMA, one copy per page, straight into the ring; quantized pages (FP8, INT8,
+INT4) by TMA into `code_stages` code buffers with their scales, then dequantized in registers
+(K times its scale per channel of the page, V times its scale per token) and stored into the
+ring as bfloat16.
+The compute warpgroup copies the kv head's query rows from q (GQA packing, token-major, padded
+to wgmma's 64 rows), multiplies them by each buffer with wgmma, masks each row's keys by position
+(a key's position from its entry, or NEVER where the table does not attend it, against the
+row's query position), keeps an online softmax in registers, and writes (m, l, acc) per split;
+`combine_splits` merges the splits in one launch (sinks join there), as for the Triton kernel
+(`selected_page_decode`).
 
 Scope: caches whose BF16 pool holds bfloat16, bfloat16 queries (1..8 tokens, at most 64 query
 rows a kv head), head_dim 64 or 128 (128 where the cache has an INT4 pool), compute capability
@@ -52,7 +57,13 @@ NEVER = 2**30  # The position of a key the table does not attend: after every qu
 # the registers it asks for are free: 224 / 144 hung on the H100, 232 / 136 runs.
 COMPUTE_REGISTERS = 232
 MEMORY_REGISTERS = 136
-SLOTS_PER_ROW = 32  # Pool slots are copied as rows of 128 bytes (TMA: <= 256 rows).
+# A program entry's fields, the rows of `program_entries`' array: its pool slot, the position of
+# its page's first token, then its page's token bits (32 a word, `PageTable.token_bits`).
+SLOT, FIRST_POSITION, WORDS = 0, 1, 2
+ENTRY_CHUNK = 256  # Entries a TMA copy of a split's window takes at most (<= 256 a box side).
+# A window's copy starts at a multiple of 4 entries (16 bytes): the H100 raised an illegal
+# instruction for copies from other starts (compute-sanitizer, at the window's copy).
+ENTRY_ALIGN = 4
 # An INT4 nibble n becomes the bfloat16 128 + (n ^ 8) from exponent bits; minus 136 it is n read
 # as a signed nibble (the trick of `quant.int4_nibble_floats`, in 16 bits).
 _NIBBLE_BF16_BITS = 0x4308
@@ -63,9 +74,10 @@ _LOAD_INDEX = (((),) if inspect.signature(plgpu.load).parameters["idx"].default 
                inspect.Parameter.empty else ())
 
 
-def _load(ref, layout):
-  """Registers of the whole (indexed) ref in `layout`."""
-  return plgpu.load(ref, *_LOAD_INDEX, layout=layout)
+def _load(ref, layout, optimized: bool = True):
+  """Registers of the whole (indexed) ref in `layout` (`optimized=False`: from a ref without the
+  layout's tiling)."""
+  return plgpu.load(ref, *_LOAD_INDEX, layout=layout, optimized=optimized)
 
 
 def _swizzled(width_bytes: int, bits: int):
@@ -81,21 +93,31 @@ def _code_width(precision: Precision, head_dim: int) -> int:
 
 
 def _split_share(max_pages: int, num_splits: int, pages_per_block: int, num_groups: int) -> int:
-  """The most program entries a split can take: its share of the table in whole blocks, a block
-  more for each further pool group, rounded up to rows of slots."""
+  """The most entries a split's window holds: its share of the table in whole blocks, a block
+  more for each further pool group, and ENTRY_ALIGN - 1 entries before its first (a window
+  starts at a multiple of ENTRY_ALIGN); rounded up to 32 entries, or to whole copies
+  (ENTRY_CHUNK) above one copy."""
   blocks = -(-max_pages // (num_splits * pages_per_block)) + num_groups - 1
-  return -(-blocks * pages_per_block // SLOTS_PER_ROW) * SLOTS_PER_ROW
+  entries = blocks * pages_per_block + ENTRY_ALIGN - 1
+  unit = 32 if entries <= ENTRY_CHUNK else ENTRY_CHUNK
+  return -(-entries // unit) * unit
+
+
+def _fields(page_size: int) -> int:
+  """Fields of a program entry: slot, first position and the page's words of token bits."""
+  return WORDS + -(-page_size // 32)
 
 
 def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
                 code_stages: int, quantized) -> int:
-  """Shared memory of the kernel: q, acc, m, l, slots; the BF16 ring with its key positions; with
-  quantized pools, a block's K scales in bfloat16 and per pool its ring of K and V codes with
-  their scales. Each buffer rounded up to 1 KiB, with the reduction scratch and barriers (the
-  allocator's measured use, within 1 KiB)."""
+  """Shared memory of the kernel: q, acc (its first bytes staging q), m, l, the split's entries;
+  the BF16 ring; with quantized pools, a block's K scales in bfloat16 and per pool its ring of K
+  and V codes with their scales. Each buffer rounded up to 1 KiB, with the reduction scratch and
+  barriers (the allocator's measured use, within 1 KiB)."""
   keys = pages_per_block * page_size
-  buffers = [ROWS * head_dim * 2, ROWS * 4, share * 4, ROWS * 4, ROWS * 4, ROWS * head_dim * 4,
-             stages * keys * head_dim * 2, stages * keys * head_dim * 2, stages * keys * 4]
+  buffers = [ROWS * head_dim * 2, ROWS * head_dim * 4, ROWS * 4, ROWS * 4,
+             _fields(page_size) * share * 4, stages * keys * head_dim * 2,
+             stages * keys * head_dim * 2]
   if quantized:
     buffers.append(pages_per_block * head_dim * 2)
   for precision in quantized:
@@ -103,6 +125,17 @@ def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int,
     buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4,
                                                    code_stages * keys * 4]
   return sum(-(-n // 1024) * 1024 for n in buffers) + 7 * 1024
+
+
+def table_split(count, split, num_splits: int, pages_per_block: int):
+  """(first entry, entries) of split `split` of a sequence whose table has `count` entries, read
+  in table order: split s takes entries s * d .. (s + 1) * d, d = ceil(count / (splits *
+  pages_per_block)) * pages_per_block. Plain integer arithmetic: the kernel runs it on scalars,
+  tests on arrays."""
+  per_split = num_splits * pages_per_block
+  share = lax.div(count + per_split - 1, per_split) * pages_per_block
+  first = jnp.minimum(split * share, count)
+  return first, jnp.minimum(count - first, share)
 
 
 def static_validate_inputs(q, cache, table) -> None:
@@ -224,30 +257,86 @@ def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
   _store_dequantized(codes_ref, out_ref, precision, scaled)
 
 
-def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_smem, row_pos_smem,
-            slots_smem, k_smem, v_smem, key_pos_smem, m_smem, l_smem, acc_smem, codes_smem,
-            q_barrier, slots_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready,
-            v_codes_ready, k_scales_free, precisions, pages_per_block, page_size, stages,
-            code_stages, scale, softcap, k_scale_bf16=None):
+def _entry(entries_smem, field: int, entry):
+  """Field `field` of the window's entry `entry`, counted from the window's copied start
+  (entries_smem: i32[copies, fields, chunk])."""
+  chunk = entries_smem.shape[2]
+  if entries_smem.shape[0] == 1:
+    return entries_smem[0, field, entry]
+  return entries_smem[entry // chunk, field, entry % chunk]
+
+
+def _key_positions(entries_smem, lag, block, valid, pages_per_block: int, page_size: int):
+  """i32[keys] in wgmma's column layout: the position of each key of the split's block `block`
+  (its entries `lag` after the window's copied start), or NEVER where the table does not attend
+  it (its bit is clear, or its entry is at or past `valid`, None: every entry is the
+  split's)."""
+  keys = pages_per_block * page_size
+  key = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+  page = lax.shift_right_logical(key, page_size.bit_length() - 1)
+  offset = key & (page_size - 1)
+  first_position = jnp.zeros_like(key)
+  word = jnp.zeros_like(key)
+  for p in range(pages_per_block):
+    entry = block * pages_per_block + p
+    on_page = page == p
+    first_position = jnp.where(on_page, _entry(entries_smem, FIRST_POSITION, lag + entry),
+                               first_position)
+    words = _fields(page_size) - WORDS
+    for w in range(words):
+      bits = _entry(entries_smem, WORDS + w, lag + entry)
+      if valid is not None:
+        bits = jnp.where(entry < valid, bits, 0)
+      on_word = on_page if words == 1 else on_page & (lax.shift_right_logical(offset, 5) == w)
+      word = jnp.where(on_word, bits, word)
+  attended = (lax.shift_right_logical(word, offset & 31) & 1) != 0
+  return jnp.where(attended, first_position + offset, NEVER)
+
+
+def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_acc_smem,
+            entries_smem, k_smem, v_smem, m_smem, l_smem, codes_smem, q_barrier,
+            entries_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready, v_codes_ready,
+            k_scales_free, precisions, group, num_splits, max_pages, pages_per_block, page_size,
+            stages, code_stages, scale, softcap, k_scale_bf16=None):
   quantized = [p for p in precisions if p != Precision.BF16]
   v_scale_ref = refs[0] if quantized else None
   pool_refs, (m_out, l_out, acc_out) = refs[1 if quantized else 0:-3], refs[-3:]
+  q_stage, acc_smem = q_or_acc_smem
   b, h, s = lax.axis_index("seq"), lax.axis_index("head"), lax.axis_index("split")
   keys = pages_per_block * page_size
-  group_blocks = [blocks_ref[b, s, g] for g in range(len(precisions))]
+  copies, _, chunk = entries_smem.shape
+  if len(counts_ref.shape) == 1:  # Table order: the split's window from the table's page count.
+    first, valid = table_split(jnp.minimum(counts_ref[b], max_pages), s, num_splits,
+                               pages_per_block)
+    group_blocks = [lax.div(valid + pages_per_block - 1, pages_per_block)]
+  else:  # Each split's grouped entries, `copies * chunk` of them.
+    first, valid = s * (copies * chunk), None
+    group_blocks = [counts_ref[b, s, g] for g in range(len(precisions))]
+  lag = first & (ENTRY_ALIGN - 1)  # The window is copied from first - lag.
   steps = functools.reduce(lax.add, group_blocks)
 
   @pl.when(lax.axis_index("wg") == 0)
   def _compute():
     plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier)
-    plgpu.copy_gmem_to_smem(row_pos_ref.at[b], row_pos_smem, q_barrier)
+    q_len = q_ref.shape[1]
+    for t in range(q_len):  # Token t's query heads of kv head h: rows t * group onwards.
+      plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h * group, group)],
+                              q_stage.at[pl.ds(t * group, group)], q_barrier)
+    row = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+    row_pos = jnp.full_like(row, -1)  # Padding rows see no key.
+    for t in range(q_len):
+      position = (positions_ref[b, t] if len(positions_ref.shape) == 2 else
+                  positions_ref[b] - (q_len - t))  # The sequence's last q_len positions.
+      row_pos = jnp.where((row >= t * group) & (row < (t + 1) * group), position, row_pos)
     plgpu.barrier_wait(q_barrier)
-    row = plgpu.Layout.WGMMA.reduce(1)
-    row_pos = plgpu.layout_cast(row_pos_smem[...], row)
-    m = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), row)
-    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row)
+    # Padding rows hold what the staging buffer held: they are masked out of every logit.
+    q_smem[...] = _load(q_stage, plgpu.Layout.WGMMA, optimized=False)
+    plgpu.commit_smem()
+    m = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1))
+    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.zeros(acc_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(entries_barrier)
 
     # Logits and maxima stay unscaled (soft-capped where asked); base2 makes them base-2
     # exponents in the multiply-add that subtracts the row's maximum.
@@ -256,6 +345,7 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
     def step(i, carry):
       m_prev, l_prev, acc = carry
       buf = lax.rem(i, stages)
+      key_pos = _key_positions(entries_smem, lag, i, valid, pages_per_block, page_size)
       plgpu.barrier_wait(k_ready.at[buf])
 
       def logits_of(acc_ref):
@@ -263,7 +353,6 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
         return acc_ref[...]
 
       logits = pl.run_scoped(logits_of, plgpu.ACC((ROWS, keys), jnp.float32))
-      key_pos = plgpu.layout_cast(key_pos_smem[buf], plgpu.Layout.WGMMA.reduce(0))
       plgpu.barrier_arrive(k_free.at[buf])
       if softcap is not None:
         logits = softcap * _tanh(logits * (scale / softcap))
@@ -298,43 +387,36 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
     plgpu.wait_smem_to_gmem(0)
 
   def memory(half):
-    """The K warpgroup (half 0: K pages; the key positions of BF16 blocks) or the V warpgroup
-    (half 1: V pages; for quantized blocks the key positions and K's page scales too)."""
+    """The K warpgroup (half 0: K pages; it copies the split's entries) or the V warpgroup
+    (half 1: V pages; for quantized blocks K's page scales too)."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     ready, free = (k_ready, k_free) if half == 0 else (v_ready, v_free)
     codes_ready = k_codes_ready if half == 0 else v_codes_ready
     ring = k_smem if half == 0 else v_smem
     if half == 0:
-      plgpu.copy_gmem_to_smem(slots_ref.at[b, s], slots_smem, slots_barrier)
-    plgpu.barrier_wait(slots_barrier)
+      for c in range(copies):
+        plgpu.copy_gmem_to_smem(entries_ref.at[b, :, pl.ds(first - lag + c * chunk, chunk)],
+                                entries_smem.at[c], entries_barrier)
+    plgpu.barrier_wait(entries_barrier)
 
     def gather(pool_ref, buffer, barrier, i, rows=page_size):
       """One TMA per page of block i: pool_ref[h, slot] -> rows p * rows .. of buffer."""
       for p in range(pages_per_block):
-        entry = i * pages_per_block + p
-        slot = slots_smem[entry // SLOTS_PER_ROW, entry % SLOTS_PER_ROW]
+        slot = _entry(entries_smem, SLOT, lag + i * pages_per_block + p)
         plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * rows, rows)], barrier)
-
-    def fetch_key_positions(i, buf, by_half):
-      """Block i's key positions, copied by warpgroup `by_half` after it waited for buf to be
-      free (V's buffer is released after K's, so either wait covers the positions' buffer)."""
-      if half == by_half:
-        plgpu.copy_gmem_to_smem(key_pos_ref.at[b, s, pl.ds(i * keys, keys)],
-                                key_pos_smem.at[buf], k_ready.at[buf])
 
     def wait_free(i, buf):
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[buf]))
 
-    def bf16_blocks(first, count, pool):
+    def bf16_blocks(first_block, count, pool):
       @pl.loop(0, count)
       def _fetch(j):
-        i = first + j
+        i = first_block + j
         buf = lax.rem(i, stages)
         wait_free(i, buf)
         gather(pool, ring.at[buf], ready.at[buf], i)
-        fetch_key_positions(i, buf, 0)
 
-    def quantized_blocks(first, count, precision, pool, k_scale_pool):
+    def quantized_blocks(first_block, count, precision, pool, k_scale_pool):
       pool_codes = codes_smem[quantized.index(precision)]
       codes, scales = pool_codes[half], pool_codes[2 + half]
       barrier_at = lambda barriers, c: barriers.at[quantized.index(precision) * code_stages + c]
@@ -342,11 +424,12 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
       def fetch_codes(j):
         """Block j's codes and scales; the V warpgroup copies K's page scales too (the K
         warpgroup has more to do), once the K warpgroup has rounded the last ones in buffer c."""
-        i, c = first + j, lax.rem(j, code_stages)
+        i, c = first_block + j, lax.rem(j, code_stages)
         gather(pool, codes.at[c], barrier_at(codes_ready, c), i)
         if half == 1:
-          plgpu.copy_gmem_to_smem(v_scale_ref.at[b, h, s, pl.ds(i * keys, keys)], scales.at[c],
-                                  barrier_at(codes_ready, c))
+          plgpu.copy_gmem_to_smem(
+              v_scale_ref.at[b, h, pl.ds((first + i * pages_per_block) * page_size, keys)],
+              scales.at[c], barrier_at(codes_ready, c))
           pl.when(j >= code_stages)(lambda: plgpu.barrier_wait(barrier_at(k_scales_free, c)))
           gather(k_scale_pool, pool_codes[2].at[c], barrier_at(k_codes_ready, c), i, rows=1)
 
@@ -355,11 +438,10 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
 
       @pl.loop(0, count)
       def _convert(j):
-        i, c = first + j, lax.rem(j, code_stages)
+        i, c = first_block + j, lax.rem(j, code_stages)
         buf = lax.rem(i, stages)
         plgpu.barrier_wait(barrier_at(codes_ready, c))
         wait_free(i, buf)
-        fetch_key_positions(i, buf, 1)  # The V warpgroup's: K's dequantizes more.
         if half == 0:
           _round_k_scales(scales.at[c], k_scale_bf16)
           plgpu.barrier_arrive(barrier_at(k_scales_free, c))
@@ -371,63 +453,68 @@ def _kernel(q_ref, row_pos_ref, slots_ref, key_pos_ref, blocks_ref, *refs, q_sme
           plgpu.barrier_arrive(ready.at[buf])
         pl.when(j + code_stages < count)(lambda: fetch_codes(j + code_stages))
 
-    first = 0
+    first_block = 0
     refs_left = list(pool_refs)
     for g, precision in enumerate(precisions):
       if precision == Precision.BF16:
-        bf16_blocks(first, group_blocks[g], refs_left[half])
+        bf16_blocks(first_block, group_blocks[g], refs_left[half])
         refs_left = refs_left[2:]
       else:
-        quantized_blocks(first, group_blocks[g], precision, refs_left[half], refs_left[2])
+        quantized_blocks(first_block, group_blocks[g], precision, refs_left[half], refs_left[2])
         refs_left = refs_left[3:]
-      first = first + group_blocks[g]
+      first_block = first_block + group_blocks[g]
 
   pl.when(lax.axis_index("wg") == 1)(lambda: memory(0))
   pl.when(lax.axis_index("wg") == 2)(lambda: memory(1))
 
 
 def program_entries(cache, table, num_splits: int, pages_per_block: int):
-  """Each split's share of the table, grouped by pool, each group in whole blocks.
+  """The kernel's entries: each table entry's pool slot, first position and token bits.
 
-  Split s of a sequence holding n entries takes entries s * d .. (s + 1) * d of the table, d =
-  ceil(n / (splits * pages_per_block)) * pages_per_block; within the split they are ordered by
-  the pool (`cache.stored_precisions`) their page is stored in, table order within a pool, and each
-  pool's group is padded to whole blocks of `pages_per_block` entries.
+  With one pool, the table's entries in table order (`table_split` gives each split its window,
+  in the kernel). With several, each split's share of the table (split s of a sequence takes
+  the entries `table_split` gives it), grouped by the pool (`cache.stored_precisions`) their
+  page is stored in, table order within a pool, each group padded to whole blocks of
+  `pages_per_block` entries, and split s's at s * share (`_split_share`).
 
-  Returns (slots i32[batch, splits, share / 32, 32], key positions i32[batch, splits, share *
-  page_size], blocks i32[batch, splits, pools] (each group's block count), pools i32[batch,
-  splits, share] (each entry's group)). A key's position is its token's, or NEVER where the
-  table does not attend it (padding: slot 0, NEVER). `share` is the most entries a split can
-  take (`_split_share`).
+  Returns (entries i32[batch, fields, n] (`_fields`: SLOT, FIRST_POSITION, WORDS...; n = the
+  table's entries and one split's share more (one pool) or splits * share), blocks: None (one
+  pool) or i32[batch, splits, pools] (each group's block count), groups: None or
+  i32[batch, n] (each entry's group)). An entry the table does not attend (past the table,
+  unmapped, padding) has slot 0 and no token bits.
   """
   precisions = cache_lib.stored_precisions(cache)
   num_groups = len(precisions)
   pools, slots = cache_lib.lookup(cache, table)
   batch, max_pages = slots.shape
-  attended = table.page_token_mask() & (pools != cache_lib.UNMAPPED)[:, :, None]
-  key_pos = jnp.where(attended, table.token_positions(), NEVER)
+  mapped = pools != cache_lib.UNMAPPED
+  words = jnp.where(mapped[:, :, None], lax.bitcast_convert_type(table.token_bits, jnp.int32), 0)
+  fields = jnp.concatenate([jnp.maximum(slots, 0)[:, :, None],
+                            (table.page_ids * table.page_size)[:, :, None], words], axis=2)
+  share = _split_share(max_pages, num_splits, pages_per_block, num_groups)
+  if num_groups == 1:
+    # Every split's window (copied from a multiple of ENTRY_ALIGN), in rows of 16-byte multiples.
+    end = -(-max_pages // ENTRY_ALIGN) * ENTRY_ALIGN + share
+    entries = jnp.pad(fields, ((0, 0), (0, end - max_pages), (0, 0)))
+    return jnp.moveaxis(entries, 1, 2), None, None
   count = jnp.minimum(table.num_pages, max_pages)
-  per_split = num_splits * pages_per_block
-  dyn_share = (count + per_split - 1) // per_split * pages_per_block  # d above, per sequence.
-  split_start = jnp.clip(jnp.arange(num_splits) * dyn_share[:, None], 0, count[:, None])
-  if num_groups == 1:  # Each split's count in closed form: no sort or reduction (2 launches).
-    sizes = jnp.minimum(count[:, None] - split_start, dyn_share[:, None])[:, :, None]
-  else:  # Entries sorted by (split, pool), then counted per (split, pool).
-    entry = jnp.arange(max_pages)[None, :]
-    split = jnp.where(entry < count[:, None], entry // jnp.maximum(dyn_share[:, None], 1),
-                      num_splits)  # Past the table: after every split.
-    # Unmapped entries are never attended: any group holds them.
-    group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
-    order = jnp.argsort((split * num_groups + group) * max_pages + entry, axis=1)
-    slots, key_pos, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else
-                                                        order[:, :, None], axis=1)
-                                    for x in (slots, key_pos, split, group))
-    one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
-    sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)
+  split_start, split_size = table_split(count[:, None], jnp.arange(num_splits), num_splits,
+                                        pages_per_block)
+  # Entries sorted by (split, pool), then counted per (split, pool). Split 0's size is every
+  # split's share where more than one split holds entries.
+  entry = jnp.arange(max_pages)[None, :]
+  split = jnp.where(entry < count[:, None], entry // jnp.maximum(split_size[:, :1], 1),
+                    num_splits)  # Past the table: after every split.
+  # Unmapped entries are never attended: any group holds them.
+  group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
+  order = jnp.argsort((split * num_groups + group) * max_pages + entry, axis=1)
+  fields, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else order[:, :, None],
+                                              axis=1) for x in (fields, split, group))
+  one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
+  sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)
   group_start = jnp.cumsum(sizes, axis=2) - sizes  # Within the split's sorted entries.
   blocks = (sizes + pages_per_block - 1) // pages_per_block
   blocks_end = jnp.cumsum(blocks, axis=2)
-  share = _split_share(max_pages, num_splits, pages_per_block, num_groups)
   position = jnp.arange(share)
   at_group = jnp.sum(position[None, None, :, None] // pages_per_block >= blocks_end[:, :, None, :],
                      axis=3)  # [batch, splits, share]
@@ -436,56 +523,54 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
   rank = position - (of_group(blocks_end) - of_group(blocks)) * pages_per_block
   own = (at_group < num_groups) & (rank < of_group(sizes))
   index = jnp.where(own, split_start[:, :, None] + of_group(group_start) + rank, max_pages)
-  index = index.reshape(batch, -1)
   # One more entry past the table, never attended: where padding reads.
-  slots = jnp.pad(jnp.maximum(slots, 0), ((0, 0), (0, 1)))
-  key_pos = jnp.pad(key_pos, ((0, 0), (0, 1), (0, 0)), constant_values=NEVER)
-  prog_slots = jnp.take_along_axis(slots, index, axis=1)
-  prog_key_pos = jnp.take_along_axis(key_pos, index[:, :, None], axis=1)
-  return (prog_slots.reshape(batch, num_splits, share // SLOTS_PER_ROW, SLOTS_PER_ROW),
-          prog_key_pos.reshape(batch, num_splits, -1).astype(jnp.int32),
-          blocks.astype(jnp.int32), own_group.astype(jnp.int32))
+  fields = jnp.pad(fields, ((0, 0), (0, 1), (0, 0)))
+  entries = jnp.take_along_axis(fields, index.reshape(batch, -1, 1), axis=1)
+  return (jnp.moveaxis(entries, 1, 2), blocks.astype(jnp.int32),
+          own_group.reshape(batch, -1).astype(jnp.int32))
 
 
-def program_v_scales(cache, prog_slots, prog_groups):
-  """V's scale of each program entry's tokens, f32[batch, kv heads, splits, share * page_size],
-  read from the entry's pool (1 for BF16 entries); None when the cache holds no quantized page:
-  per-page rows of 4 * page_size bytes are too short for the kernel's copies, so the wrapper
-  lays them out per split."""
+def program_v_scales(cache, entries, groups):
+  """V's scale of each program entry's tokens, f32[batch, kv heads, n * page_size], read from
+  the entry's pool (1 for BF16 entries); None when the cache holds no quantized page: per-page
+  rows of 4 * page_size bytes are too short for the kernel's copies, so the wrapper lays them
+  out in the entries' order."""
   precisions = cache_lib.stored_precisions(cache)
   if all(p == Precision.BF16 for p in precisions):
     return None
-  batch, num_splits, share = prog_groups.shape
-  slots = prog_slots.reshape(batch, num_splits, share)
+  slots = entries[:, SLOT]
   out = 1.0
   for g, precision in enumerate(precisions):
     if precision != Precision.BF16:
-      scale = cache.pools[precision].v_scale[:, slots]  # [kv heads, batch, splits, share, page]
-      out = jnp.where((prog_groups == g)[None, :, :, :, None], scale, out)
+      scale = cache.pools[precision].v_scale[:, slots]  # [kv heads, batch, n, page]
+      out = scale if groups is None else jnp.where((groups == g)[None, :, :, None], scale, out)
   out = jnp.moveaxis(jnp.broadcast_to(out, scale.shape), 0, 1)
-  return out.reshape(batch, scale.shape[0], num_splits, -1)
+  return out.reshape(out.shape[:2] + (-1,))
 
 
 def prepare(q, cache, table, q_positions, num_splits: int, pages_per_block: int):
-  """The kernel's inputs besides the pools: (q rows [batch, kv heads, ROWS, head_dim], row
-  positions i32[batch, ROWS] (`splits.row_positions`), slots, key positions, blocks (from
-  `program_entries`), V scales (`program_v_scales`))."""
+  """The kernel's inputs besides q and the pools: (positions: q_positions i32[batch, q_len], or
+  without them the table's seq_lens i32[batch] (the last q_len positions); counts: the table's
+  num_pages i32[batch] (one pool) or each split's group blocks; entries, V scales
+  (`program_entries`, `program_v_scales`))."""
+  entries, blocks, groups = program_entries(cache, table, num_splits, pages_per_block)
+  positions = table.seq_lens if q_positions is None else q_positions.astype(jnp.int32)
+  counts = table.num_pages if blocks is None else blocks
+  return positions, counts, entries, program_v_scales(cache, entries, groups)
+
+
+def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int,
+               num_splits: int, pages_per_block: int, stages: int, code_stages: int,
+               scale: float, softcap):
+  """The Mosaic GPU kernel on q and `prepare`'s inputs for a table of `max_pages` entries: per
+  (sequence, kv head, split), f32 (m, l, acc) of ROWS query rows (`splits.query_rows`)."""
+  batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = cache.config.num_kv_heads
-  group = q.shape[2] // num_kv_heads
-  prog_slots, key_pos, blocks, groups = program_entries(cache, table, num_splits, pages_per_block)
-  return (splits.query_rows(q, num_kv_heads, ROWS), splits.row_positions(q_positions, group, ROWS),
-          prog_slots, key_pos, blocks, program_v_scales(cache, prog_slots, groups))
-
-
-def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
-               pages_per_block: int, stages: int, code_stages: int, scale: float, softcap):
-  """The Mosaic GPU kernel on `prepare`'s inputs: per (sequence, kv head, split), f32 (m, l,
-  acc)."""
-  batch, num_kv_heads, rows, head_dim = q_rows.shape
-  num_splits = prog_slots.shape[1]
   page_size = cache.config.page_size
   keys = pages_per_block * page_size
   precisions = cache_lib.stored_precisions(cache)
+  share = _split_share(max_pages, num_splits, pages_per_block, len(precisions))
+  chunk = min(share, ENTRY_CHUNK)
   bf16_tile = _swizzled(head_dim * 2, 16)
   pool_arrays, codes_smem = [], []
   for precision in precisions:
@@ -501,27 +586,28 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
                        plgpu.SMEM((code_stages, pages_per_block, head_dim), jnp.float32),
                        plgpu.SMEM((code_stages, keys), jnp.float32)))
   kernel = functools.partial(
-      _kernel, precisions=precisions, pages_per_block=pages_per_block, page_size=page_size,
-      stages=stages, code_stages=code_stages, scale=float(scale),
+      _kernel, precisions=precisions, group=num_q_heads // num_kv_heads, num_splits=num_splits,
+      max_pages=max_pages, pages_per_block=pages_per_block, page_size=page_size, stages=stages,
+      code_stages=code_stages, scale=float(scale),
       softcap=None if softcap is None else float(softcap))
-  partial = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits) + tail,
+  partial = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, ROWS) + tail,
                                                jnp.float32)
   code_barriers = max(1, len(codes_smem)) * code_stages
   scratch = dict(
-      q_smem=plgpu.SMEM((rows, head_dim), jnp.bfloat16, transforms=bf16_tile),
-      row_pos_smem=plgpu.SMEM((rows,), jnp.int32),
-      slots_smem=plgpu.SMEM(prog_slots.shape[2:], jnp.int32),
+      q_smem=plgpu.SMEM((ROWS, head_dim), jnp.bfloat16, transforms=bf16_tile),
+      # The query rows as copied (no swizzle), then the partial acc.
+      q_or_acc_smem=plgpu.RefUnion(plgpu.SMEM((ROWS, head_dim), jnp.bfloat16),
+                                   plgpu.SMEM((ROWS, head_dim), jnp.float32)),
+      entries_smem=plgpu.SMEM((share // chunk, entries.shape[1], chunk), jnp.int32),
       k_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
       v_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
-      key_pos_smem=plgpu.SMEM((stages, keys), jnp.int32),
-      m_smem=plgpu.SMEM((rows,), jnp.float32),
-      l_smem=plgpu.SMEM((rows,), jnp.float32),
-      acc_smem=plgpu.SMEM((rows, head_dim), jnp.float32),
+      m_smem=plgpu.SMEM((ROWS,), jnp.float32),
+      l_smem=plgpu.SMEM((ROWS,), jnp.float32),
       codes_smem=tuple(codes_smem),
-      q_barrier=plgpu.Barrier(num_arrivals=2),  # q rows and their positions.
-      slots_barrier=plgpu.Barrier(),
-      # A block's K: its page copies (or as many arrivals) and its key positions; V: its pages.
-      k_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=stages),
+      q_barrier=plgpu.Barrier(num_arrivals=q_len),  # A copy per query token.
+      entries_barrier=plgpu.Barrier(num_arrivals=share // chunk),
+      # A block's K or V: its page copies (or as many arrivals).
+      k_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
       v_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
       k_free=plgpu.Barrier(num_barriers=stages),
       v_free=plgpu.Barrier(num_barriers=stages),
@@ -534,7 +620,7 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
   if codes_smem:  # A block's K scales, rounded once (`_round_k_scales`).
     scratch["k_scale_bf16"] = plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16)
   call = plgpu.kernel(
-      kernel, out_type=(partial(rows), partial(rows), partial(rows, head_dim)),
+      kernel, out_type=(partial(), partial(), partial(head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
       grid_names=("seq", "head", "split"), num_threads=3, thread_name="wg",
       # Without Pallas's barrier before each copy and store (5% at 8 x 128K): no warpgroup writes
@@ -546,8 +632,8 @@ def run_kernel(q_rows, row_pos, prog_slots, key_pos, blocks, v_scales, cache, *,
       # anyway) instead of a precise expansion of about 8 instructions, a third of the compute
       # warpgroup's.
       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True))
-  inputs = (q_rows, row_pos, prog_slots, key_pos, blocks) + (
-      () if v_scales is None else (v_scales,)) + tuple(pool_arrays)
+  inputs = (q, positions, counts, entries) + (() if v_scales is None else (v_scales,)) + tuple(
+      pool_arrays)
   return call(*inputs)
 
 
@@ -579,15 +665,13 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
   share = _split_share(table.max_pages, num_splits, pages_per_block, len(precisions))
   quantized = [p for p in precisions if p != Precision.BF16]
   if _smem_bytes(share, pages_per_block, page_size, head_dim, stages, code_stages, quantized) > (
-      tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM) or share > 256 * SLOTS_PER_ROW:
+      tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM):
     raise NotImplementedError(f"pallas_mosaic_gpu: {share} entries a split, {stages} buffers of"
                               f" {pages_per_block} pages and {code_stages} code buffers for"
                               f" {len(quantized)} quantized pools do not fit in shared memory")
-  if q_positions is None:
-    q_positions = table.query_positions(q.shape[1])
   inputs = prepare(q, cache, table, q_positions, num_splits, pages_per_block)
-  partials = run_kernel(*inputs, cache, pages_per_block=pages_per_block, stages=stages,
-                        code_stages=code_stages,
+  partials = run_kernel(q, *inputs, cache, max_pages=table.max_pages, num_splits=num_splits,
+                        pages_per_block=pages_per_block, stages=stages, code_stages=code_stages,
                         scale=head_dim**-0.5 if scale is None else scale, softcap=softcap)
   return combine_splits.combine_splits(partials, q.shape, sinks=sinks, return_lse=return_lse,
                                        out_dtype=q.dtype)
