@@ -381,9 +381,10 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
     l_smem[...] = l
     acc_smem[...] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(m_smem, m_out.at[b, h, s])
-    plgpu.copy_smem_to_gmem(l_smem, l_out.at[b, h, s])
-    plgpu.copy_smem_to_gmem(acc_smem, acc_out.at[b, h, s])
+    used = pl.ds(0, m_out.shape[3])  # The rows combine_splits reads.
+    plgpu.copy_smem_to_gmem(m_smem.at[used], m_out.at[b, h, s])
+    plgpu.copy_smem_to_gmem(l_smem.at[used], l_out.at[b, h, s])
+    plgpu.copy_smem_to_gmem(acc_smem.at[used], acc_out.at[b, h, s])
     plgpu.wait_smem_to_gmem(0)
 
   def memory(half):
@@ -563,7 +564,8 @@ def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int
                num_splits: int, pages_per_block: int, stages: int, code_stages: int,
                scale: float, softcap):
   """The Mosaic GPU kernel on q and `prepare`'s inputs for a table of `max_pages` entries: per
-  (sequence, kv head, split), f32 (m, l, acc) of ROWS query rows (`splits.query_rows`)."""
+  (sequence, kv head, split), f32 (m, l, acc) of the first query rows (`splits.query_rows`),
+  the used ones rounded up to a power of two (at least 4)."""
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = cache.config.num_kv_heads
   page_size = cache.config.page_size
@@ -590,8 +592,10 @@ def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int
       max_pages=max_pages, pages_per_block=pages_per_block, page_size=page_size, stages=stages,
       code_stages=code_stages, scale=float(scale),
       softcap=None if softcap is None else float(softcap))
-  partial = lambda *tail: jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, ROWS) + tail,
-                                               jnp.float32)
+  # The used rows, as many as combine_splits reads (a power of two; >= 4: 16-byte copies).
+  out_rows = max(4, splits.next_power_of_two(q_len * num_q_heads // num_kv_heads))
+  partial = lambda *tail: jax.ShapeDtypeStruct(
+      (batch, num_kv_heads, num_splits, out_rows) + tail, jnp.float32)
   code_barriers = max(1, len(codes_smem)) * code_stages
   scratch = dict(
       q_smem=plgpu.SMEM((ROWS, head_dim), jnp.bfloat16, transforms=bf16_tile),
