@@ -4,11 +4,11 @@ Reference: `intent_jax.reference.paged_attention`, the answer this must match.
 
 Work: one CUDA block per (sequence, kv head, split), three warpgroups (warp specialization).
 Each split reads a window of the program's entries (`program_entries`: each entry's pool slot,
-its page's first position and its token bits). With one pool the entries are the table's, in
-table order, and each split finds its window from the table's page count (`table_split`), so the
-wrapper does no per-split work; with several, the wrapper groups each split's entries by the pool
-their page is stored in, each group in whole blocks, so a block is of one format and each
-warpgroup runs one branch-free loop per pool.
+its page's first position and its token bits). With one pool (BF16, which every cache has) the
+entries are the table's, in table order, and each split finds its window from the table's page
+count (`table_split`), so the wrapper does no per-split work; with several, the wrapper groups
+each split's entries by the pool their page is stored in, each group in whole blocks, so a
+block is of one format and each warpgroup runs one branch-free loop per pool.
 Two memory warpgroups, one for K and one for V (the V warpgroup also copies K's page scales of
 quantized blocks), copy the window into shared memory and fill a ring of `stages` BF16 buffers
 of `pages_per_block` pages each, refilling a buffer as soon as the compute warpgroup releases
@@ -533,9 +533,9 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
 
 def program_v_scales(cache, entries, groups):
   """V's scale of each program entry's tokens, f32[batch, kv heads, n * page_size], read from
-  the entry's pool (1 for BF16 entries); None when the cache holds no quantized page: per-page
-  rows of 4 * page_size bytes are too short for the kernel's copies, so the wrapper lays them
-  out in the entries' order."""
+  the entry's pool (1 for BF16 entries); None when the cache holds no quantized page (its one
+  pool is BF16: every cache has one). Per-page rows of 4 * page_size bytes are too short for the
+  kernel's copies, so the wrapper lays them out in the entries' order."""
   precisions = cache_lib.stored_precisions(cache)
   if all(p == Precision.BF16 for p in precisions):
     return None
@@ -544,7 +544,7 @@ def program_v_scales(cache, entries, groups):
   for g, precision in enumerate(precisions):
     if precision != Precision.BF16:
       scale = cache.pools[precision].v_scale[:, slots]  # [kv heads, batch, n, page]
-      out = scale if groups is None else jnp.where((groups == g)[None, :, :, None], scale, out)
+      out = jnp.where((groups == g)[None, :, :, None], scale, out)
   out = jnp.moveaxis(jnp.broadcast_to(out, scale.shape), 0, 1)
   return out.reshape(out.shape[:2] + (-1,))
 
