@@ -43,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from intent_jax import cache as cache_lib
 from intent_jax import quant
-from intent_jax.page_table import PageTable
+from intent_jax.page_table import BITS_PER_WORD, PageTable
 from intent_jax.precision import Precision
 from pallas_kernels import splits
 from pallas_kernels import tuned_block_sizes
@@ -105,7 +105,7 @@ def _split_share(max_pages: int, num_splits: int, pages_per_block: int, num_grou
 
 def _fields(page_size: int) -> int:
   """Fields of a program entry: slot, first position and the page's words of token bits."""
-  return WORDS + -(-page_size // 32)
+  return WORDS + -(-page_size // BITS_PER_WORD)
 
 
 def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
@@ -277,12 +277,12 @@ def _key_positions(entries_smem, lag, block, valid, pages_per_block: int, page_s
   offset = key & (page_size - 1)
   first_position = jnp.zeros_like(key)
   word = jnp.zeros_like(key)
+  words = _fields(page_size) - WORDS  # Of a page's token bits, 32 a word.
   for p in range(pages_per_block):
     entry = block * pages_per_block + p
     on_page = page == p
     first_position = jnp.where(on_page, _entry(entries_smem, FIRST_POSITION, lag + entry),
                                first_position)
-    words = _fields(page_size) - WORDS
     for w in range(words):
       bits = _entry(entries_smem, WORDS + w, lag + entry)
       if valid is not None:
@@ -326,7 +326,7 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
     row_pos = jnp.full_like(row, -1)  # Padding rows see no key.
     for t in range(q_len):
       position = (positions_ref[b, t] if len(positions_ref.shape) == 2 else
-                  positions_ref[b] - (q_len - t))  # The sequence's last q_len positions.
+                  positions_ref[b] - (q_len - t))  # `PageTable.query_positions`, one token.
       row_pos = jnp.where((row >= t * group) & (row < (t + 1) * group), position, row_pos)
     plgpu.barrier_wait(q_barrier)
     # Padding rows hold what the staging buffer held: they are masked out of every logit.
