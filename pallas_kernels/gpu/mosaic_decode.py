@@ -634,8 +634,12 @@ def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int
       # after that barrier and the K warpgroup's arrival on k_scales_free. Approximate math: each
       # exponential one ex2.approx (relative error 2**-22; the weights are rounded to bfloat16
       # anyway) instead of a precise expansion of about 8 instructions, a third of the compute
-      # warpgroup's.
-      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True))
+      # warpgroup's. Warpgroup lowering semantics, jax 0.11's default, named so that jax 0.10
+      # (whose default is Lane) lowers the same program: the lowering tests on a CPU host then
+      # check what the GPU compiles.
+      compiler_params=plgpu.CompilerParams(
+          unsafe_no_auto_barriers=True, approx_math=True,
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
   inputs = (q, positions, counts, entries) + (() if v_scales is None else (v_scales,)) + tuple(
       pool_arrays)
   return call(*inputs)
