@@ -258,7 +258,7 @@ def query_rows(q, num_kv_heads: int):
 def prepare(q, cache, table, q_positions, pages_per_block):
   """The kernel's inputs besides the pools: (bounds, entries, q rows[, row positions]).
 
-  Query rows of a kv head are (query head in the group, query token), padded for the matmul;
+  Query rows of a kv head are (query token, query head in the group), padded for the matmul;
   row positions (i32[batch, rows], row t * group + g -> token t) only for several query tokens.
   """
   group = q.shape[2] // cache.config.num_kv_heads
