@@ -206,25 +206,28 @@ def _broadcast(vector, shape, axis: int, layout):
   return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), layout)
 
 
-def _store_dequantized(codes_ref, out_ref, precision: Precision, scaled):
+def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of):
   """Codes [keys, code width] -> out_ref bf16[keys, head_dim], tile by tile (`_tile_rows`):
-  out_ref[tile, channels] = scaled(values, first key, channels, layout) of the codes' exact
-  bfloat16 values; INT4 as its two halves of the channels (low nibbles, then high)."""
+  out_ref[tile, channels] = the codes' exact bfloat16 values times scale_of(first key,
+  channels, layout, shape) (bfloat16, broadcast to the tile); INT4 as its two halves of the
+  channels (low nibbles, then high). Every tile's codes and scales are loaded before the first
+  store: the compiler cannot tell the stores from the loads apart, so a load after a store
+  would wait for it."""
   keys, width = codes_ref.shape
   head_dim = out_ref.shape[1]
   rows = _tile_rows(width)
   layout = _tile_layout(rows, width)
-  for first in range(0, keys, rows):
-    tile = pl.ds(first, rows)
-    codes = _load(codes_ref.at[tile], layout)
-    if precision == Precision.INT4:
-      half = head_dim // 2
-      for values, channels in zip(_int4_halves_as_bf16(codes), (pl.ds(0, half),
-                                                                pl.ds(half, half))):
-        out_ref[tile, channels] = scaled(values, first, channels, layout)
-    else:
-      out_ref[tile, :] = scaled(_codes_as_bf16(codes, precision), first, pl.ds(0, head_dim),
-                                layout)
+  halves = 2 if precision == Precision.INT4 else 1
+  channels = [pl.ds(c * head_dim // halves, head_dim // halves) for c in range(halves)]
+  tiles = [pl.ds(first, rows) for first in range(0, keys, rows)]
+  codes = [_load(codes_ref.at[tile], layout) for tile in tiles]
+  scales = [[scale_of(tile.start, part, layout, (rows, head_dim // halves)) for part in channels]
+            for tile in tiles]
+  for tile, tile_codes, tile_scales in zip(tiles, codes, scales):
+    values = (_int4_halves_as_bf16(tile_codes) if precision == Precision.INT4 else
+              (_codes_as_bf16(tile_codes, precision),))
+    for part_values, part, scale in zip(values, channels, tile_scales):
+      out_ref[tile, part] = part_values * scale
 
 
 def _round_k_scales(scale_ref, bf16_scale_ref):
@@ -239,22 +242,22 @@ def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page
   `_round_k_scales`) -> out_ref bf16[keys, head_dim]. Products in bfloat16: the ring holds
   bfloat16 either way."""
 
-  def scaled(values, first, channels, layout):
+  def scale_of(first, channels, layout, shape):
     scale = _load(bf16_scale_ref.at[first // page_size, channels], layout.reduce(0))
-    return values * _broadcast(scale, values.shape, 1, layout)
+    return _broadcast(scale, shape, 1, layout)
 
-  _store_dequantized(codes_ref, out_ref, precision, scaled)
+  _store_dequantized(codes_ref, out_ref, precision, scale_of)
 
 
 def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
   """V codes and scales f32[keys] (one per token) -> out_ref bf16[keys, head_dim], products in
   bfloat16."""
 
-  def scaled(values, first, _, layout):
-    scale = _load(scale_ref.at[pl.ds(first, values.shape[0])], layout.reduce(1))
-    return values * _broadcast(scale, values.shape, 0, layout)
+  def scale_of(first, _, layout, shape):
+    scale = _load(scale_ref.at[pl.ds(first, shape[0])], layout.reduce(1))
+    return _broadcast(scale, shape, 0, layout)
 
-  _store_dequantized(codes_ref, out_ref, precision, scaled)
+  _store_dequantized(codes_ref, out_ref, precision, scale_of)
 
 
 def _entry(entries_smem, field: int, entry):
