@@ -77,11 +77,6 @@ MOSAIC_DECODE_KEYS_PER_BLOCK = 64
 MOSAIC_DECODE_STAGES = 3
 MOSAIC_DECODE_CODE_STAGES = 2  # Code buffers per quantized pool (dequantized into the ring).
 MOSAIC_DECODE_MAX_SMEM = 232448  # Bytes of shared memory a CUDA block may have on an H100.
-# The default GPU order takes the Mosaic kernel first for INT8 and FP8 pools from this many
-# (sequence, kv head) pairs: at 64 (8 x 128K, 25%) it was 13-15% faster than the Triton kernel
-# (INT8 372 against 437 us), at 8 (1 x 128K) 4-7% slower (91 against 85); between, not measured.
-# For BF16-only caches it is the faster at both; for INT4 pools the slower at both.
-MOSAIC_QUANTIZED_MIN_HEADS = 64
 
 
 def mosaic_decode_pages_per_block(page_size: int) -> int:

@@ -274,15 +274,20 @@ class ProgramEntriesTest(parameterized.TestCase):
         decode_attention(q, cache, table, implementation="pallas_mosaic_gpu")
 
   def test_default_order_takes_it_where_faster(self):
-    """The default order tries this kernel first where it is the faster (BF16 pages; INT8, FP8
-    pools from MOSAIC_QUANTIZED_MIN_HEADS (sequence, kv head) pairs), else the Triton kernel."""
+    """The default order tries this kernel first where it is the faster (every cache but those
+    whose only quantized pool is INT4), else the Triton kernel."""
     self.assertEqual(attention.default_implementations("gpu")[:3],
                      ("pallas_mosaic_gpu_preferred", "pallas_gpu", "pallas_mosaic_gpu"))
     q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
-    for formats in ((B16, INT4), (B16, INT8)):  # INT8 at BATCH x 2 pairs: too few.
+    cache, table = quantized_case(2, (B16, INT4), every_page=INT4)
+    with self.assertRaisesRegex(NotImplementedError, "only quantized pool is INT4"):
+      decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_preferred")
+    for formats in ((B16, INT8), (B16, INT8, INT4)):  # Taken: it fails only off a Hopper GPU.
       cache, table = quantized_case(2, formats, every_page=formats[1])
-      with self.assertRaisesRegex(NotImplementedError, "read faster in Triton"):
+      try:
         decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_preferred")
+      except NotImplementedError as e:
+        self.assertNotIn("Triton", str(e))
 
 
 class LoweringTest(parameterized.TestCase):
@@ -379,14 +384,14 @@ class CompiledTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("bf16", (B16,), None, 2, "mosaic"),
-      ("int8_few_heads", (B16, INT8), INT8, 2, "triton"),
-      ("int8_many_heads", (B16, INT8), INT8, 32, "mosaic"),
-      ("fp8_many_heads", (B16, FP8), FP8, 32, "mosaic"),
+      ("int8", (B16, INT8), INT8, 2, "mosaic"),
+      ("fp8", (B16, FP8), FP8, 32, "mosaic"),
+      ("int8_int4", (B16, INT8, INT4), INT4, 2, "mosaic"),
       ("int4", (B16, INT4), INT4, 32, "triton"),
   )
   def test_dispatched_by_default(self, formats, every_page, num_kv_heads, expected_kernel):
-    """By default this kernel runs BF16 caches, and INT8 or FP8 pools at BATCH x 32 (>= 64)
-    (sequence, kv head) pairs; the Triton kernel runs the others."""
+    """By default this kernel runs every cache but those whose only quantized pool is INT4,
+    which the Triton kernel runs."""
     if every_page is None:
       cache, table = bf16_case(6)
     else:

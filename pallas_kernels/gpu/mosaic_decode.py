@@ -504,34 +504,38 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
   count = jnp.minimum(table.num_pages, max_pages)
   split_start, split_size = table_split(count[:, None], jnp.arange(num_splits), num_splits,
                                         pages_per_block)
-  # Entries sorted by (split, pool), then counted per (split, pool). Split 0's size is every
-  # split's share where more than one split holds entries.
+  # Each entry's split (entries past the table in none) and group; unmapped entries are never
+  # attended: any group holds them. Split 0's size is every split's share where more than one
+  # split holds entries.
   entry = jnp.arange(max_pages)[None, :]
-  split = jnp.where(entry < count[:, None], entry // jnp.maximum(split_size[:, :1], 1),
-                    num_splits)  # Past the table: after every split.
-  # Unmapped entries are never attended: any group holds them.
+  in_table = entry < count[:, None]
+  split = entry // jnp.maximum(split_size[:, :1], 1)
   group = sum(jnp.where(pools == p, g, 0) for g, p in enumerate(precisions))
-  order = jnp.argsort((split * num_groups + group) * max_pages + entry, axis=1)
-  fields, split, group = (jnp.take_along_axis(x, order if x.ndim == 2 else order[:, :, None],
-                                              axis=1) for x in (fields, split, group))
-  one_hot = (split * num_groups + group)[:, :, None] == jnp.arange(num_splits * num_groups)
-  sizes = jnp.sum(one_hot, axis=1).reshape(batch, num_splits, num_groups)
-  group_start = jnp.cumsum(sizes, axis=2) - sizes  # Within the split's sorted entries.
+  # Entries of each group before each entry, [batch, max_pages + 1, groups] (row e: before e):
+  # an entry's rank in its (split, group) and the groups' sizes, in table order, no sort.
+  one_hot = (group[:, :, None] == jnp.arange(num_groups)) & in_table[:, :, None]
+  before = jnp.pad(jnp.cumsum(one_hot, axis=1, dtype=jnp.int32), ((0, 0), (1, 0), (0, 0)))
+  at = lambda rows: jnp.take_along_axis(before, rows[:, :, None], axis=1)
+  split_before = at(split_start)  # [batch, splits, groups]
+  sizes = at(split_start + split_size) - split_before
   blocks = (sizes + pages_per_block - 1) // pages_per_block
   blocks_end = jnp.cumsum(blocks, axis=2)
+  of_entry = lambda x: jnp.take_along_axis(  # x[batch, split, group] of each entry.
+      x.reshape(batch, -1), jnp.minimum(split, num_splits - 1) * num_groups + group, axis=1)
+  rank = jnp.take_along_axis(before[:, :-1], group[:, :, None], axis=2)[:, :, 0] - of_entry(
+      split_before)
+  target = split * share + (of_entry(blocks_end) - of_entry(blocks)) * pages_per_block + rank
+  target = jnp.where(in_table, target, num_splits * share)  # Past the end: dropped.
+  rows = jnp.arange(batch)[:, None, None]
+  entries = jnp.zeros((batch, fields.shape[2], num_splits * share), jnp.int32).at[
+      rows, jnp.arange(fields.shape[2])[None, :, None], target[:, None, :]].set(
+          jnp.moveaxis(fields, 1, 2), mode="drop")
+  # Each position's group: the first whose blocks end after it (padding past the last: the last).
   position = jnp.arange(share)
   at_group = jnp.sum(position[None, None, :, None] // pages_per_block >= blocks_end[:, :, None, :],
                      axis=3)  # [batch, splits, share]
   own_group = jnp.minimum(at_group, num_groups - 1)
-  of_group = lambda x: jnp.take_along_axis(x, own_group, axis=2)
-  rank = position - (of_group(blocks_end) - of_group(blocks)) * pages_per_block
-  own = (at_group < num_groups) & (rank < of_group(sizes))
-  index = jnp.where(own, split_start[:, :, None] + of_group(group_start) + rank, max_pages)
-  # One more entry past the table, never attended: where padding reads.
-  fields = jnp.pad(fields, ((0, 0), (0, 1), (0, 0)))
-  entries = jnp.take_along_axis(fields, index.reshape(batch, -1, 1), axis=1)
-  return (jnp.moveaxis(entries, 1, 2), blocks.astype(jnp.int32),
-          own_group.reshape(batch, -1).astype(jnp.int32))
+  return entries, blocks.astype(jnp.int32), own_group.reshape(batch, -1).astype(jnp.int32)
 
 
 def program_v_scales(cache, entries, groups):
