@@ -524,7 +524,7 @@ def program_entries(cache, table, num_splits: int, pages_per_block: int):
       x.reshape(batch, -1), jnp.minimum(split, num_splits - 1) * num_groups + group, axis=1)
   rank = jnp.take_along_axis(before[:, :-1], group[:, :, None], axis=2)[:, :, 0] - of_entry(
       split_before)
-  target = split * share + (of_entry(blocks_end) - of_entry(blocks)) * pages_per_block + rank
+  target = split * share + of_entry(blocks_end - blocks) * pages_per_block + rank
   target = jnp.where(in_table, target, num_splits * share)  # Past the end: dropped.
   rows = jnp.arange(batch)[:, None, None]
   entries = jnp.zeros((batch, fields.shape[2], num_splits * share), jnp.int32).at[
