@@ -10,17 +10,22 @@ count (`table_split`), so the wrapper does no per-split work; with several, the 
 each split's entries by the pool their page is stored in, each group in whole blocks, so a
 block is of one format and each warpgroup runs one branch-free loop per pool.
 Two memory warpgroups, one for K and one for V (the V warpgroup also copies K's page scales of
-quantized blocks), copy the window into shared memory and fill a ring of `stages` BF16 buffers
-of `pages_per_block` pages each, refilling a buffer as soon as the compute warpgroup releases
-it: BF16 pages by TMA, one copy per page, straight into the ring; quantized pages (FP8, INT8,
-INT4) by TMA into `code_stages` code buffers with their scales, then dequantized in registers
-(K times its scale per channel of the page, V times its scale per token) and stored into the
-ring as bfloat16.
-The compute warpgroup copies the kv head's query rows from q (GQA packing, token-major, padded
-to wgmma's 64 rows), multiplies them by each buffer with wgmma, masks each row's keys by position
-(a key's position from its entry, or NEVER where the table does not attend it, against the
-row's query position), keeps an online softmax in registers, and writes (m, l, acc) per split;
-`combine_splits` merges the splits in one launch (sinks join there), as for the Triton kernel
+quantized blocks and, with quantized pools, V's scales of every block), copy the window into
+shared memory and fill a ring of `stages` BF16 buffers of `pages_per_block` pages each,
+refilling a buffer as soon as the compute warpgroup releases it: BF16 pages by TMA, one copy per
+page, straight into the ring; quantized pages (FP8, INT8, INT4) by TMA into `code_stages` code
+buffers with K's scales, then converted in registers (K times its scale per channel of the
+page; V's codes as they are) and stored into the ring as bfloat16.
+The compute warpgroup copies the kv head's query rows from q (GQA packing, token-major) and
+multiplies each buffer with the operands swapped: the block's keys are wgmma's 64 (or 128)
+rows and the query rows its columns (`query_columns`, 8 to 64), so each thread holds a few
+logits however few the query rows are. It masks each key by position (a key's position from
+its entry, or NEVER where the table does not attend it, against the row's query position),
+keeps an online softmax in registers (the maximum over a block's keys across the four warps, l
+as a per-key share summed at the end), multiplies the weights by V's per-token scales (V's
+codes went into the ring unscaled), stores them to shared memory as the B operand of the second
+product (V transposed times the weights), and writes (m, l, acc) per split; `combine_splits`
+merges the splits in one launch (sinks join there), as for the Triton kernel
 (`selected_page_decode`).
 
 Scope: caches whose BF16 pool holds bfloat16, bfloat16 queries (1..8 tokens, at most 64 query
@@ -50,7 +55,7 @@ from pallas_kernels import tuned_block_sizes
 from pallas_kernels.gpu import combine_splits
 from pallas_kernels.splits import MASK_VALUE
 
-ROWS = 64  # wgmma's row tile: the query rows of a kv head, padded.
+ROWS = 64  # The most query rows of a kv head: q's buffers (loaded in wgmma's 64-row layout).
 NEVER = 2**30  # The position of a key the table does not attend: after every query row.
 # Registers a thread: the compute warpgroup takes what the two memory warpgroups give up (three
 # warpgroups share 64K registers; the kernel launches with 168 a thread). setmaxnreg waits until
@@ -108,22 +113,28 @@ def _fields(page_size: int) -> int:
   return WORDS + -(-page_size // BITS_PER_WORD)
 
 
+def query_columns(rows: int) -> int:
+  """wgmma's columns for `rows` query rows of a kv head (query heads per kv head x tokens): a
+  power of two >= 8, as many rows as the partials hold for `combine_splits`."""
+  return max(8, splits.next_power_of_two(rows))
+
+
 def _smem_bytes(share: int, pages_per_block: int, page_size: int, head_dim: int, stages: int,
-                code_stages: int, quantized) -> int:
-  """Shared memory of the kernel: q, acc (its first bytes staging q), m, l, the split's entries;
-  the BF16 ring; with quantized pools, a block's K scales in bfloat16 and per pool its ring of K
-  and V codes with their scales. Each buffer rounded up to 1 KiB, with the reduction scratch and
-  barriers (the allocator's measured use, within 1 KiB)."""
+                code_stages: int, quantized, cols: int) -> int:
+  """Shared memory of the kernel: q; the query rows as copied, then acc; the weights of a block;
+  m, l; the split's entries; the BF16 ring; with quantized pools, V's scales per buffer, a
+  block's K scales in bfloat16 and per pool its ring of K and V codes with K's scales. Each
+  buffer rounded up to 1 KiB, with the reduction scratch and barriers (the allocator's measured
+  use, within 1 KiB)."""
   keys = pages_per_block * page_size
-  buffers = [ROWS * head_dim * 2, ROWS * head_dim * 4, ROWS * 4, ROWS * 4,
-             _fields(page_size) * share * 4, stages * keys * head_dim * 2,
+  buffers = [ROWS * head_dim * 2, max(ROWS * head_dim * 2, cols * head_dim * 4), cols * keys * 2,
+             cols * 4, cols * 4, _fields(page_size) * share * 4, stages * keys * head_dim * 2,
              stages * keys * head_dim * 2]
   if quantized:
-    buffers.append(pages_per_block * head_dim * 2)
+    buffers += [stages * keys * 4, pages_per_block * head_dim * 2]
   for precision in quantized:
     width = _code_width(precision, head_dim)
-    buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4,
-                                                   code_stages * keys * 4]
+    buffers += [code_stages * keys * width] * 2 + [code_stages * pages_per_block * head_dim * 4]
   return sum(-(-n // 1024) * 1024 for n in buffers) + 7 * 1024
 
 
@@ -206,13 +217,13 @@ def _broadcast(vector, shape, axis: int, layout):
   return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), layout)
 
 
-def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of):
+def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of=None):
   """Codes [keys, code width] -> out_ref bf16[keys, head_dim], tile by tile (`_tile_rows`):
-  out_ref[tile, channels] = the codes' exact bfloat16 values times scale_of(first key,
-  channels, layout, shape) (bfloat16, broadcast to the tile); INT4 as its two halves of the
-  channels (low nibbles, then high). Every tile's codes and scales are loaded before the first
-  store: the compiler cannot tell the stores from the loads apart, so a load after a store
-  would wait for it."""
+  out_ref[tile, channels] = the codes' exact bfloat16 values, times scale_of(first key,
+  channels, layout, shape) (bfloat16, broadcast to the tile) where given; INT4 as its two
+  halves of the channels (low nibbles, then high). Every tile's codes and scales are loaded
+  before the first store: the compiler cannot tell the stores from the loads apart, so a load
+  after a store would wait for it."""
   keys, width = codes_ref.shape
   head_dim = out_ref.shape[1]
   rows = _tile_rows(width)
@@ -221,13 +232,14 @@ def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of):
   channels = [pl.ds(c * head_dim // halves, head_dim // halves) for c in range(halves)]
   tiles = [pl.ds(first, rows) for first in range(0, keys, rows)]
   codes = [_load(codes_ref.at[tile], layout) for tile in tiles]
-  scales = [[scale_of(tile.start, part, layout, (rows, head_dim // halves)) for part in channels]
+  scales = [[None if scale_of is None else
+             scale_of(tile.start, part, layout, (rows, head_dim // halves)) for part in channels]
             for tile in tiles]
   for tile, tile_codes, tile_scales in zip(tiles, codes, scales):
     values = (_int4_halves_as_bf16(tile_codes) if precision == Precision.INT4 else
               (_codes_as_bf16(tile_codes, precision),))
     for part_values, part, scale in zip(values, channels, tile_scales):
-      out_ref[tile, part] = part_values * scale
+      out_ref[tile, part] = part_values if scale is None else part_values * scale
 
 
 def _round_k_scales(scale_ref, bf16_scale_ref):
@@ -249,17 +261,6 @@ def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page
   _store_dequantized(codes_ref, out_ref, precision, scale_of)
 
 
-def _dequantize_v(codes_ref, scale_ref, out_ref, precision: Precision):
-  """V codes and scales f32[keys] (one per token) -> out_ref bf16[keys, head_dim], products in
-  bfloat16."""
-
-  def scale_of(first, _, layout, shape):
-    scale = _load(scale_ref.at[pl.ds(first, shape[0])], layout.reduce(1))
-    return _broadcast(scale, shape, 0, layout)
-
-  _store_dequantized(codes_ref, out_ref, precision, scale_of)
-
-
 def _entry(entries_smem, field: int, entry):
   """Field `field` of the window's entry `entry`, counted from the window's copied start
   (entries_smem: i32[copies, fields, chunk])."""
@@ -270,12 +271,12 @@ def _entry(entries_smem, field: int, entry):
 
 
 def _key_positions(entries_smem, lag, block, valid, pages_per_block: int, page_size: int):
-  """i32[keys] in wgmma's column layout: the position of each key of the split's block `block`
-  (its entries `lag` after the window's copied start), or NEVER where the table does not attend
-  it (its bit is clear, or its entry is at or past `valid`, None: every entry is the
-  split's)."""
+  """i32[keys] in the layout of the logits' rows: the position of each key of the split's block
+  `block` (its entries `lag` after the window's copied start), or NEVER where the table does
+  not attend it (its bit is clear, or its entry is at or past `valid`, None: every entry is
+  the split's)."""
   keys = pages_per_block * page_size
-  key = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+  key = plgpu.broadcasted_iota(jnp.int32, (keys,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
   page = lax.shift_right_logical(key, page_size.bit_length() - 1)
   offset = key & (page_size - 1)
   first_position = jnp.zeros_like(key)
@@ -297,16 +298,17 @@ def _key_positions(entries_smem, lag, block, valid, pages_per_block: int, page_s
 
 
 def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_acc_smem,
-            entries_smem, k_smem, v_smem, m_smem, l_smem, codes_smem, q_barrier,
+            entries_smem, k_smem, v_smem, p_smem, m_smem, l_smem, codes_smem, q_barrier,
             entries_barrier, k_ready, v_ready, k_free, v_free, k_codes_ready, v_codes_ready,
             k_scales_free, precisions, group, num_splits, max_pages, pages_per_block, page_size,
-            stages, code_stages, scale, softcap, k_scale_bf16=None):
+            stages, code_stages, scale, softcap, k_scale_bf16=None, v_scale_smem=None):
   quantized = [p for p in precisions if p != Precision.BF16]
   v_scale_ref = refs[0] if quantized else None
   pool_refs, (m_out, l_out, acc_out) = refs[1 if quantized else 0:-3], refs[-3:]
   q_stage, acc_smem = q_or_acc_smem
   b, h, s = lax.axis_index("seq"), lax.axis_index("head"), lax.axis_index("split")
   keys = pages_per_block * page_size
+  cols = acc_smem.shape[0]  # The query rows, as wgmma's columns.
   copies, _, chunk = entries_smem.shape
   if len(counts_ref.shape) == 1:  # Table order: the split's window from the table's page count.
     first, valid = table_split(jnp.minimum(counts_ref[b], max_pages), s, num_splits,
@@ -325,7 +327,7 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
     for t in range(q_len):  # Token t's query heads of kv head h: rows t * group onwards.
       plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h * group, group)],
                               q_stage.at[pl.ds(t * group, group)], q_barrier)
-    row = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+    row = plgpu.broadcasted_iota(jnp.int32, (cols,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
     row_pos = jnp.full_like(row, -1)  # Padding rows see no key.
     for t in range(q_len):
       position = (positions_ref[b, t] if len(positions_ref.shape) == 2 else
@@ -335,64 +337,77 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
     # Padding rows hold what the staging buffer held: they are masked out of every logit.
     q_smem[...] = _load(q_stage, plgpu.Layout.WGMMA, optimized=False)
     plgpu.commit_smem()
-    m = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1))
-    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.zeros(acc_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+    q_columns = plgpu.transpose_ref(q_smem.at[pl.ds(0, cols)], (1, 0))
+    p_columns = plgpu.transpose_ref(p_smem, (1, 0))
+    m = plgpu.layout_cast(jnp.full((cols,), MASK_VALUE, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(0))
+    # Each key row's share of l (an elementwise sum, no reduction a block), summed at the end.
+    l = plgpu.layout_cast(jnp.zeros((keys, cols), jnp.float32), plgpu.Layout.WGMMA)
+    acc = plgpu.layout_cast(jnp.zeros((q_smem.shape[1], cols), jnp.float32),
+                            plgpu.Layout.WGMMA)
     plgpu.barrier_wait(entries_barrier)
 
     # Logits and maxima stay unscaled (soft-capped where asked); base2 makes them base-2
     # exponents in the multiply-add that subtracts the row's maximum.
     base2 = LOG2E * (scale if softcap is None else 1.0)
+    by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+    by_column = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
 
     def step(i, carry):
+      """Block i with the operands swapped: keys are wgmma's rows, query rows its columns."""
       m_prev, l_prev, acc = carry
       buf = lax.rem(i, stages)
       key_pos = _key_positions(entries_smem, lag, i, valid, pages_per_block, page_size)
       plgpu.barrier_wait(k_ready.at[buf])
 
       def logits_of(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
+        plgpu.wgmma(acc_ref, k_smem.at[buf], q_columns)
         return acc_ref[...]
 
-      logits = pl.run_scoped(logits_of, plgpu.ACC((ROWS, keys), jnp.float32))
+      logits = pl.run_scoped(logits_of, plgpu.ACC((keys, cols), jnp.float32))
       plgpu.barrier_arrive(k_free.at[buf])
       if softcap is not None:
         logits = softcap * _tanh(logits * (scale / softcap))
-      visible = (lax.broadcast_in_dim(key_pos, logits.shape, [1]) <=
-                 lax.broadcast_in_dim(row_pos, logits.shape, [0]))
+      visible = by_row(key_pos, logits.shape) <= by_column(row_pos, logits.shape)
       logits = jnp.where(visible, logits, MASK_VALUE)
-      m_next = jnp.maximum(m_prev, logits.max(axis=1))
+      m_next = jnp.maximum(m_prev, logits.max(axis=0))
       correction = jnp.exp2((m_prev - m_next) * base2)
       # As in the Triton kernel: a row that has seen nothing subtracts 0, so masked keys weigh 0.
       seen = jnp.where(m_next == MASK_VALUE, 0.0, m_next)
-      weights = jnp.exp2(logits * base2 - lax.broadcast_in_dim(seen * base2, logits.shape, [0]))
-      l_next = l_prev * correction + weights.sum(axis=1)
+      weights = jnp.exp2(logits * base2 - by_column(seen * base2, logits.shape))
+      l_next = l_prev * by_column(correction, logits.shape) + weights
       plgpu.barrier_wait(v_ready.at[buf])
+      if v_scale_smem is not None:  # V's scale per token joins the weights, not every value.
+        weights = weights * by_row(_load(v_scale_smem.at[buf], plgpu.Layout.WGMMA.reduce(1),
+                                         optimized=False), logits.shape)
+      p_columns[...] = plgpu.layout_cast(weights.astype(jnp.bfloat16),
+                                         plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
 
       def attend(acc_ref):
-        plgpu.wgmma(acc_ref, weights.astype(jnp.bfloat16), v_smem.at[buf])
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem.at[buf], (1, 0)), p_columns)
         return acc_ref[...]
 
       update = pl.run_scoped(attend, plgpu.ACC(acc.shape, jnp.float32))
       plgpu.barrier_arrive(v_free.at[buf])
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + update
+      acc = acc * by_column(correction, acc.shape) + update
       return m_next, l_next, acc
 
     m, l, acc = lax.fori_loop(0, steps, step, (m, l, acc))
     m_smem[...] = m * (base2 / LOG2E)  # Scaled, as `combine_splits` reads it.
-    l_smem[...] = l
-    acc_smem[...] = acc
+    l_smem[...] = l.sum(axis=0)
+    plgpu.transpose_ref(acc_smem, (1, 0))[...] = plgpu.layout_cast(
+        acc, plgpu.Layout.WGMMA_TRANSPOSED)
     plgpu.commit_smem()
-    used = pl.ds(0, m_out.shape[3])  # The rows combine_splits reads.
-    plgpu.copy_smem_to_gmem(m_smem.at[used], m_out.at[b, h, s])
-    plgpu.copy_smem_to_gmem(l_smem.at[used], l_out.at[b, h, s])
-    plgpu.copy_smem_to_gmem(acc_smem.at[used], acc_out.at[b, h, s])
+    plgpu.copy_smem_to_gmem(m_smem, m_out.at[b, h, s])
+    plgpu.copy_smem_to_gmem(l_smem, l_out.at[b, h, s])
+    plgpu.copy_smem_to_gmem(acc_smem, acc_out.at[b, h, s])
     plgpu.wait_smem_to_gmem(0)
 
   def memory(half):
     """The K warpgroup (half 0: K pages; it copies the split's entries) or the V warpgroup
-    (half 1: V pages; for quantized blocks K's page scales too)."""
+    (half 1: V pages and, with quantized pools, V's scales of every block; K's page scales of
+    quantized blocks)."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     ready, free = (k_ready, k_free) if half == 0 else (v_ready, v_free)
     codes_ready = k_codes_ready if half == 0 else v_codes_ready
@@ -412,6 +427,14 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
     def wait_free(i, buf):
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[buf]))
 
+    def copy_v_scales(i, buf):
+      """V's scales of block i's keys (1 for BF16 pages) into the ring, for the compute
+      warpgroup."""
+      if half == 1 and v_scale_smem is not None:
+        plgpu.copy_gmem_to_smem(
+            v_scale_ref.at[b, h, pl.ds((first + i * pages_per_block) * page_size, keys)],
+            v_scale_smem.at[buf], ready.at[buf])
+
     def bf16_blocks(first_block, count, pool):
       @pl.loop(0, count)
       def _fetch(j):
@@ -419,23 +442,21 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
         buf = lax.rem(i, stages)
         wait_free(i, buf)
         gather(pool, ring.at[buf], ready.at[buf], i)
+        copy_v_scales(i, buf)
 
     def quantized_blocks(first_block, count, precision, pool, k_scale_pool):
       pool_codes = codes_smem[quantized.index(precision)]
-      codes, scales = pool_codes[half], pool_codes[2 + half]
+      codes, k_scales = pool_codes[half], pool_codes[2]
       barrier_at = lambda barriers, c: barriers.at[quantized.index(precision) * code_stages + c]
 
       def fetch_codes(j):
-        """Block j's codes and scales; the V warpgroup copies K's page scales too (the K
-        warpgroup has more to do), once the K warpgroup has rounded the last ones in buffer c."""
+        """Block j's codes; the V warpgroup copies K's page scales too (the K warpgroup has more
+        to do), once the K warpgroup has rounded the last ones in buffer c."""
         i, c = first_block + j, lax.rem(j, code_stages)
         gather(pool, codes.at[c], barrier_at(codes_ready, c), i)
         if half == 1:
-          plgpu.copy_gmem_to_smem(
-              v_scale_ref.at[b, h, pl.ds((first + i * pages_per_block) * page_size, keys)],
-              scales.at[c], barrier_at(codes_ready, c))
           pl.when(j >= code_stages)(lambda: plgpu.barrier_wait(barrier_at(k_scales_free, c)))
-          gather(k_scale_pool, pool_codes[2].at[c], barrier_at(k_codes_ready, c), i, rows=1)
+          gather(k_scale_pool, k_scales.at[c], barrier_at(k_codes_ready, c), i, rows=1)
 
       for j in range(code_stages):
         pl.when(j < count)(functools.partial(fetch_codes, j))
@@ -447,11 +468,12 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
         plgpu.barrier_wait(barrier_at(codes_ready, c))
         wait_free(i, buf)
         if half == 0:
-          _round_k_scales(scales.at[c], k_scale_bf16)
+          _round_k_scales(k_scales.at[c], k_scale_bf16)
           plgpu.barrier_arrive(barrier_at(k_scales_free, c))
           _dequantize_k(codes.at[c], k_scale_bf16, ring.at[buf], precision, page_size)
         else:
-          _dequantize_v(codes.at[c], scales.at[c], ring.at[buf], precision)
+          copy_v_scales(i, buf)
+          _store_dequantized(codes.at[c], ring.at[buf], precision)  # V's scales: in the weights.
         plgpu.commit_smem()
         for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
           plgpu.barrier_arrive(ready.at[buf])
@@ -572,7 +594,7 @@ def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int
                scale: float, softcap):
   """The Mosaic GPU kernel on q and `prepare`'s inputs for a table of `max_pages` entries: per
   (sequence, kv head, split), f32 (m, l, acc) of the first query rows (`splits.query_rows`),
-  the used ones rounded up to a power of two (at least 4)."""
+  `query_columns` of them."""
   batch, q_len, num_q_heads, head_dim = q.shape
   num_kv_heads = cache.config.num_kv_heads
   page_size = cache.config.page_size
@@ -592,44 +614,47 @@ def run_kernel(q, positions, counts, entries, v_scales, cache, *, max_pages: int
     codes = lambda: plgpu.SMEM((code_stages, keys, width), quant.STORAGE_DTYPE[precision],
                                transforms=_swizzled(width, 8))
     codes_smem.append((codes(), codes(),
-                       plgpu.SMEM((code_stages, pages_per_block, head_dim), jnp.float32),
-                       plgpu.SMEM((code_stages, keys), jnp.float32)))
+                       plgpu.SMEM((code_stages, pages_per_block, head_dim), jnp.float32)))
   kernel = functools.partial(
       _kernel, precisions=precisions, group=num_q_heads // num_kv_heads, num_splits=num_splits,
       max_pages=max_pages, pages_per_block=pages_per_block, page_size=page_size, stages=stages,
       code_stages=code_stages, scale=float(scale),
       softcap=None if softcap is None else float(softcap))
-  # The used rows, as many as combine_splits reads (a power of two; >= 4: 16-byte copies).
-  out_rows = max(4, splits.next_power_of_two(q_len * num_q_heads // num_kv_heads))
+  cols = query_columns(q_len * num_q_heads // num_kv_heads)
   partial = lambda *tail: jax.ShapeDtypeStruct(
-      (batch, num_kv_heads, num_splits, out_rows) + tail, jnp.float32)
+      (batch, num_kv_heads, num_splits, cols) + tail, jnp.float32)
   code_barriers = max(1, len(codes_smem)) * code_stages
   scratch = dict(
       q_smem=plgpu.SMEM((ROWS, head_dim), jnp.bfloat16, transforms=bf16_tile),
       # The query rows as copied (no swizzle), then the partial acc.
       q_or_acc_smem=plgpu.RefUnion(plgpu.SMEM((ROWS, head_dim), jnp.bfloat16),
-                                   plgpu.SMEM((ROWS, head_dim), jnp.float32)),
+                                   plgpu.SMEM((cols, head_dim), jnp.float32,
+                                              transforms=_swizzled(head_dim * 4, 32))),
       entries_smem=plgpu.SMEM((share // chunk, entries.shape[1], chunk), jnp.int32),
       k_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
       v_smem=plgpu.SMEM((stages, keys, head_dim), jnp.bfloat16, transforms=bf16_tile),
-      m_smem=plgpu.SMEM((ROWS,), jnp.float32),
-      l_smem=plgpu.SMEM((ROWS,), jnp.float32),
+      # A block's weights, V's operand: query rows by keys.
+      p_smem=plgpu.SMEM((cols, keys), jnp.bfloat16, transforms=_swizzled(keys * 2, 16)),
+      m_smem=plgpu.SMEM((cols,), jnp.float32),
+      l_smem=plgpu.SMEM((cols,), jnp.float32),
       codes_smem=tuple(codes_smem),
       q_barrier=plgpu.Barrier(num_arrivals=q_len),  # A copy per query token.
       entries_barrier=plgpu.Barrier(num_arrivals=share // chunk),
-      # A block's K or V: its page copies (or as many arrivals).
+      # A block's K or V: its page copies (or as many arrivals); V's with its scales' copy.
       k_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
-      v_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),
+      v_ready=plgpu.Barrier(num_arrivals=pages_per_block + bool(codes_smem),
+                            num_barriers=stages),
       k_free=plgpu.Barrier(num_barriers=stages),
       v_free=plgpu.Barrier(num_barriers=stages),
-      # Per quantized pool and code buffer: K codes with their scales, V codes with theirs.
+      # Per quantized pool and code buffer: K codes with their scales, V codes.
       k_codes_ready=plgpu.Barrier(num_arrivals=2 * pages_per_block, num_barriers=code_barriers),
-      v_codes_ready=plgpu.Barrier(num_arrivals=pages_per_block + 1, num_barriers=code_barriers),
+      v_codes_ready=plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=code_barriers),
       # Per quantized pool and code buffer: the K warpgroup has rounded the K scales in it.
       k_scales_free=plgpu.Barrier(num_barriers=code_barriers),
   )
-  if codes_smem:  # A block's K scales, rounded once (`_round_k_scales`).
+  if codes_smem:  # A block's K scales, rounded once (`_round_k_scales`); V's, per buffer.
     scratch["k_scale_bf16"] = plgpu.SMEM((pages_per_block, head_dim), jnp.bfloat16)
+    scratch["v_scale_smem"] = plgpu.SMEM((stages, keys), jnp.float32)
   call = plgpu.kernel(
       kernel, out_type=(partial(), partial(), partial(head_dim)),
       scratch_types=scratch, grid=(batch, num_kv_heads, num_splits),
@@ -679,8 +704,9 @@ def mosaic_decode(q, cache: cache_lib.KVCache, table: PageTable, *, q_positions=
   precisions = cache_lib.stored_precisions(cache)
   share = _split_share(table.max_pages, num_splits, pages_per_block, len(precisions))
   quantized = [p for p in precisions if p != Precision.BF16]
-  if _smem_bytes(share, pages_per_block, page_size, head_dim, stages, code_stages, quantized) > (
-      tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM):
+  cols = query_columns(q.shape[1] * q.shape[2] // cache.config.num_kv_heads)
+  if _smem_bytes(share, pages_per_block, page_size, head_dim, stages, code_stages, quantized,
+                 cols) > tuned_block_sizes.MOSAIC_DECODE_MAX_SMEM:
     raise NotImplementedError(f"pallas_mosaic_gpu: {share} entries a split, {stages} buffers of"
                               f" {pages_per_block} pages and {code_stages} code buffers for"
                               f" {len(quantized)} quantized pools do not fit in shared memory")
