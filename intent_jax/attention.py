@@ -21,7 +21,6 @@ from intent_jax import gather_attention
 from intent_jax import reference
 from intent_jax import sharded
 from intent_jax.page_table import PageTable
-from intent_jax.precision import Precision
 
 MAX_QUERY_TOKENS = 8  # Decode and speculative verification; prefill uses reference.attention.
 
@@ -29,7 +28,7 @@ Implementation = Callable[..., jax.Array]
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 # Preferred order per platform; names not registered are passed over.
 DEFAULT_ORDER = {
-    "gpu": ("pallas_mosaic_gpu_preferred", "pallas_gpu", "pallas_mosaic_gpu", "xla", "reference"),
+    "gpu": ("pallas_mosaic_gpu", "pallas_gpu", "xla", "reference"),
     "tpu": ("pallas_tpu", "xla", "reference"),
     "cpu": ("xla", "reference"),
 }
@@ -66,19 +65,6 @@ def _pallas_mosaic_gpu(q, kv, table, **kwargs):
   return mosaic_decode.mosaic_decode(q, kv, table, **kwargs)
 
 
-def _pallas_mosaic_gpu_preferred(q, kv, table, **kwargs):
-  """The Mosaic GPU kernel where it is the faster GPU kernel (BENCHMARKS.md): every cache but
-  those whose only quantized pool is INT4, which the default order gives the Triton kernel next
-  (8% faster at 8 x 128K, level at 1 x 128K)."""
-  if isinstance(kv, cache_lib.KVCache):
-    quantized = set(cache_lib.stored_precisions(kv)) - {Precision.BF16}
-    if quantized == {Precision.INT4}:
-      raise NotImplementedError(
-          "pallas_mosaic_gpu_preferred: caches whose only quantized pool is INT4 read faster in"
-          " Triton")
-  return _pallas_mosaic_gpu(q, kv, table, **kwargs)
-
-
 def _pallas_tpu(q, kv, table, **kwargs):
   if jax.default_backend() != "tpu":
     raise NotImplementedError("pallas_tpu runs on TPUs")
@@ -90,7 +76,6 @@ register_implementation("reference", _reference)
 register_implementation("xla", gather_attention.gather_selected_attention)
 register_implementation("pallas_gpu", _pallas_gpu)
 register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)
-register_implementation("pallas_mosaic_gpu_preferred", _pallas_mosaic_gpu_preferred)
 register_implementation("pallas_tpu", _pallas_tpu)
 
 

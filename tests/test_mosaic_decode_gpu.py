@@ -273,21 +273,11 @@ class ProgramEntriesTest(parameterized.TestCase):
       with self.assertRaisesRegex(NotImplementedError, "runs on GPUs"):
         decode_attention(q, cache, table, implementation="pallas_mosaic_gpu")
 
-  def test_default_order_takes_it_where_faster(self):
-    """The default order tries this kernel first where it is the faster (every cache but those
-    whose only quantized pool is INT4), else the Triton kernel."""
-    self.assertEqual(attention.default_implementations("gpu")[:3],
-                     ("pallas_mosaic_gpu_preferred", "pallas_gpu", "pallas_mosaic_gpu"))
-    q = jnp.ones((BATCH, 1, 8, 128), jnp.bfloat16)
-    cache, table = quantized_case(2, (B16, INT4), every_page=INT4)
-    with self.assertRaisesRegex(NotImplementedError, "only quantized pool is INT4"):
-      decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_preferred")
-    for formats in ((B16, INT8), (B16, INT8, INT4)):  # Taken: it fails only off a Hopper GPU.
-      cache, table = quantized_case(2, formats, every_page=formats[1])
-      try:
-        decode_attention(q, cache, table, implementation="pallas_mosaic_gpu_preferred")
-      except NotImplementedError as e:
-        self.assertNotIn("Triton", str(e))
+  def test_default_order_takes_it_first(self):
+    """The default GPU order tries this kernel first, then the Triton kernel (which runs the
+    inputs this one declines)."""
+    self.assertEqual(attention.default_implementations("gpu")[:2],
+                     ("pallas_mosaic_gpu", "pallas_gpu"))
 
 
 class LoweringTest(parameterized.TestCase):
@@ -383,25 +373,18 @@ class CompiledTest(parameterized.TestCase):
     self.assertLess(np.linalg.norm(out - expected) / np.linalg.norm(expected), 1e-2)
 
   @parameterized.named_parameters(
-      ("bf16", (B16,), None, 2, "mosaic"),
-      ("int8", (B16, INT8), INT8, 2, "mosaic"),
-      ("fp8", (B16, FP8), FP8, 32, "mosaic"),
-      ("int8_int4", (B16, INT8, INT4), INT4, 2, "mosaic"),
-      ("int4", (B16, INT4), INT4, 32, "triton"),
-  )
-  def test_dispatched_by_default(self, formats, every_page, num_kv_heads, expected_kernel):
-    """By default this kernel runs every cache but those whose only quantized pool is INT4,
-    which the Triton kernel runs."""
+      ("bf16", (B16,), None), ("int8", (B16, INT8), INT8), ("fp8", (B16, FP8), FP8),
+      ("int8_int4", (B16, INT8, INT4), INT4), ("int4", (B16, INT4), INT4))
+  def test_dispatched_by_default(self, formats, every_page):
+    """By default this kernel runs every cache it supports, of any format."""
     if every_page is None:
       cache, table = bf16_case(6)
     else:
-      cache, table = quantized_case(6, formats, every_page=every_page,
-                                    num_kv_heads=num_kv_heads)
+      cache, table = quantized_case(6, formats, every_page=every_page)
     q = jax.random.normal(jax.random.key(6), (BATCH, 1, 2 * cache.config.num_kv_heads,
                                               cache.config.head_dim), jnp.bfloat16)
-    expected = (kernel.mosaic_decode if expected_kernel == "mosaic" else
-                attention.IMPLEMENTATIONS["pallas_gpu"])(q, cache, table)
-    np.testing.assert_array_equal(decode_attention(q, cache, table), expected)
+    np.testing.assert_array_equal(decode_attention(q, cache, table),
+                                  kernel.mosaic_decode(q, cache, table))
 
 
 if __name__ == "__main__":
