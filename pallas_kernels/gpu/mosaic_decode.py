@@ -211,19 +211,14 @@ def _tile_layout(rows: int, width: int):
                             warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
 
 
-def _broadcast(vector, shape, axis: int, layout):
-  """A float32 or bfloat16 vector along `axis` of a tile of `shape` in `layout`, as bfloat16."""
-  vector = vector.astype(jnp.bfloat16)
-  return plgpu.layout_cast(lax.broadcast_in_dim(vector, shape, [axis]), layout)
-
-
-def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of=None):
+def _store_converted(codes_ref, out_ref, precision: Precision, page_scale_ref=None,
+                     page_size: int = 0):
   """Codes [keys, code width] -> out_ref bf16[keys, head_dim], tile by tile (`_tile_rows`):
-  out_ref[tile, channels] = the codes' exact bfloat16 values, times scale_of(first key,
-  channels, layout, shape) (bfloat16, broadcast to the tile) where given; INT4 as its two
-  halves of the channels (low nibbles, then high). Every tile's codes and scales are loaded
-  before the first store: the compiler cannot tell the stores from the loads apart, so a load
-  after a store would wait for it."""
+  the codes' exact bfloat16 values, times their page's channel scales from page_scale_ref
+  bf16[pages, head_dim] where given (K; products in bfloat16: the ring holds bfloat16 either
+  way); INT4 as its two halves of the channels (low nibbles, then high). Every tile's codes and
+  scales are loaded before the first store: the compiler cannot tell the stores from the loads
+  apart, so a load after a store would wait for it."""
   keys, width = codes_ref.shape
   head_dim = out_ref.shape[1]
   rows = _tile_rows(width)
@@ -231,9 +226,15 @@ def _store_dequantized(codes_ref, out_ref, precision: Precision, scale_of=None):
   halves = 2 if precision == Precision.INT4 else 1
   channels = [pl.ds(c * head_dim // halves, head_dim // halves) for c in range(halves)]
   tiles = [pl.ds(first, rows) for first in range(0, keys, rows)]
+
+  def page_scale(tile, part):
+    """The tile's page's scales of `part`, broadcast along the tile's rows."""
+    scale = _load(page_scale_ref.at[tile.start // page_size, part], layout.reduce(0))
+    return plgpu.layout_cast(lax.broadcast_in_dim(scale, (rows, head_dim // halves), [1]),
+                             layout)
+
   codes = [_load(codes_ref.at[tile], layout) for tile in tiles]
-  scales = [[None if scale_of is None else
-             scale_of(tile.start, part, layout, (rows, head_dim // halves)) for part in channels]
+  scales = [[None if page_scale_ref is None else page_scale(tile, part) for part in channels]
             for tile in tiles]
   for tile, tile_codes, tile_scales in zip(tiles, codes, scales):
     values = (_int4_halves_as_bf16(tile_codes) if precision == Precision.INT4 else
@@ -247,18 +248,6 @@ def _round_k_scales(scale_ref, bf16_scale_ref):
   rather than in every thread that multiplies by it."""
   bf16_scale_ref[...] = scale_ref[...].astype(jnp.bfloat16)
   plgpu.commit_smem()  # Its warpgroup barrier: every thread's rounded scales stored.
-
-
-def _dequantize_k(codes_ref, bf16_scale_ref, out_ref, precision: Precision, page_size: int):
-  """K codes and their rounded scales bf16[pages, head_dim] (one per channel of each page,
-  `_round_k_scales`) -> out_ref bf16[keys, head_dim]. Products in bfloat16: the ring holds
-  bfloat16 either way."""
-
-  def scale_of(first, channels, layout, shape):
-    scale = _load(bf16_scale_ref.at[first // page_size, channels], layout.reduce(0))
-    return _broadcast(scale, shape, 1, layout)
-
-  _store_dequantized(codes_ref, out_ref, precision, scale_of)
 
 
 def _entry(entries_smem, field: int, entry):
@@ -470,10 +459,10 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
         if half == 0:
           _round_k_scales(k_scales.at[c], k_scale_bf16)
           plgpu.barrier_arrive(barrier_at(k_scales_free, c))
-          _dequantize_k(codes.at[c], k_scale_bf16, ring.at[buf], precision, page_size)
+          _store_converted(codes.at[c], ring.at[buf], precision, k_scale_bf16, page_size)
         else:
           copy_v_scales(i, buf)
-          _store_dequantized(codes.at[c], ring.at[buf], precision)  # V's scales: in the weights.
+          _store_converted(codes.at[c], ring.at[buf], precision)  # V's scales: in the weights.
         plgpu.commit_smem()
         for _ in range(pages_per_block):  # As many arrivals as a BF16 block's page copies.
           plgpu.barrier_arrive(ready.at[buf])
