@@ -65,7 +65,9 @@ MEMORY_REGISTERS = 136
 # A program entry's fields, the rows of `program_entries`' array: its pool slot, the position of
 # its page's first token, then its page's token bits (32 a word, `PageTable.token_bits`).
 SLOT, FIRST_POSITION, WORDS = 0, 1, 2
-ENTRY_CHUNK = 256  # Entries a TMA copy of a split's window takes at most (<= 256 a box side).
+# Entries a TMA copy of a split's window takes at most (<= 256 a box side; a power of two, which
+# `_entry` relies on).
+ENTRY_CHUNK = 256
 # A window's copy starts at a multiple of 4 entries (16 bytes): the H100 raised an illegal
 # instruction for copies from other starts (compute-sanitizer, at the window's copy).
 ENTRY_ALIGN = 4
@@ -251,12 +253,15 @@ def _round_k_scales(scale_ref, bf16_scale_ref):
 
 
 def _entry(entries_smem, field: int, entry):
-  """Field `field` of the window's entry `entry`, counted from the window's copied start
-  (entries_smem: i32[copies, fields, chunk])."""
+  """Field `field` of the window's entry `entry` (>= 0), counted from the window's copied start
+  (entries_smem: i32[copies, fields, chunk]; chunk ENTRY_CHUNK, a power of two, when copies > 1).
+  A shift and a mask split the index: signed // and % took 6 more instructions a read, and the
+  warpgroups read 8 to 12 entries a block."""
   chunk = entries_smem.shape[2]
   if entries_smem.shape[0] == 1:
     return entries_smem[0, field, entry]
-  return entries_smem[entry // chunk, field, entry % chunk]
+  return entries_smem[lax.shift_right_logical(entry, chunk.bit_length() - 1), field,
+                      entry & (chunk - 1)]
 
 
 def _key_positions(entries_smem, lag, block, valid, pages_per_block: int, page_size: int):
@@ -407,10 +412,14 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
                                 entries_smem.at[c], entries_barrier)
     plgpu.barrier_wait(entries_barrier)
 
-    def gather(pool_ref, buffer, barrier, i, rows=page_size):
-      """One TMA per page of block i: pool_ref[h, slot] -> rows p * rows .. of buffer."""
-      for p in range(pages_per_block):
-        slot = _entry(entries_smem, SLOT, lag + i * pages_per_block + p)
+    def block_slots(i):
+      """The pool slots of block i's pages."""
+      return [_entry(entries_smem, SLOT, lag + i * pages_per_block + p)
+              for p in range(pages_per_block)]
+
+    def gather(pool_ref, buffer, barrier, slots, rows=page_size):
+      """One TMA per page: pool_ref[h, slots[p]] -> rows p * rows .. of buffer."""
+      for p, slot in enumerate(slots):
         plgpu.copy_gmem_to_smem(pool_ref.at[h, slot], buffer.at[pl.ds(p * rows, rows)], barrier)
 
     def wait_free(i, buf):
@@ -430,7 +439,7 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
         i = first_block + j
         buf = lax.rem(i, stages)
         wait_free(i, buf)
-        gather(pool, ring.at[buf], ready.at[buf], i)
+        gather(pool, ring.at[buf], ready.at[buf], block_slots(i))
         copy_v_scales(i, buf)
 
     def quantized_blocks(first_block, count, precision, pool, k_scale_pool):
@@ -440,12 +449,13 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
 
       def fetch_codes(j):
         """Block j's codes; the V warpgroup copies K's page scales too (the K warpgroup has more
-        to do), once the K warpgroup has rounded the last ones in buffer c."""
+        to do), once the K warpgroup has rounded the last ones in buffer c (slots read once)."""
         i, c = first_block + j, lax.rem(j, code_stages)
-        gather(pool, codes.at[c], barrier_at(codes_ready, c), i)
+        slots = block_slots(i)
+        gather(pool, codes.at[c], barrier_at(codes_ready, c), slots)
         if half == 1:
           pl.when(j >= code_stages)(lambda: plgpu.barrier_wait(barrier_at(k_scales_free, c)))
-          gather(k_scale_pool, k_scales.at[c], barrier_at(k_codes_ready, c), i, rows=1)
+          gather(k_scale_pool, k_scales.at[c], barrier_at(k_codes_ready, c), slots, rows=1)
 
       for j in range(code_stages):
         pl.when(j < count)(functools.partial(fetch_codes, j))
