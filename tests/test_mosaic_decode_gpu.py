@@ -146,6 +146,26 @@ class SoftCapTanhTest(absltest.TestCase):
     np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=0, atol=1e-6)
 
 
+class EntryTest(absltest.TestCase):
+  """The kernel's read of a window entry, copied in chunks of ENTRY_CHUNK (the window's layout in
+  shared memory, i32[copies, fields, chunk]), on a NumPy stand-in for the shared-memory ref."""
+
+  def test_every_entry_of_several_copies_is_its_own(self):
+    fields, copies = 3, 3
+    window = np.random.default_rng(2).integers(-2**31, 2**31, (fields, copies * kernel.ENTRY_CHUNK),
+                                               dtype=np.int64).astype(np.int32)
+    chunked = window.reshape(fields, copies, kernel.ENTRY_CHUNK).transpose(1, 0, 2)
+    entries = jnp.arange(copies * kernel.ENTRY_CHUNK, dtype=jnp.int32)
+    for field in range(fields):
+      got = jax.vmap(lambda e, f=field: kernel._entry(jnp.asarray(chunked), f, e))(entries)
+      np.testing.assert_array_equal(got, window[field])
+
+  def test_one_copy_is_read_directly(self):
+    window = np.random.default_rng(3).integers(0, 2**20, (1, 3, 96)).astype(np.int32)
+    got = jax.vmap(lambda e: kernel._entry(jnp.asarray(window), 1, e))(jnp.arange(96))
+    np.testing.assert_array_equal(got, window[0, 1])
+
+
 class ProgramEntriesTest(parameterized.TestCase):
   """The wrapper's split of the table, checked on any host through a model of the kernel."""
 
