@@ -426,8 +426,8 @@ def _kernel(q_ref, positions_ref, counts_ref, entries_ref, *refs, q_smem, q_or_a
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[buf]))
 
     def copy_v_scales(i, buf):
-      """V's scales of block i's keys (1 for BF16 pages) into the ring, for the compute
-      warpgroup."""
+      """V's scales of block i's keys (1 for BF16 pages) into buffer buf of v_scale_smem, beside
+      the ring, onto the ring's barrier, for the compute warpgroup."""
       if half == 1 and v_scale_smem is not None:
         plgpu.copy_gmem_to_smem(
             v_scale_ref.at[b, h, pl.ds((first + i * pages_per_block) * page_size, keys)],
